@@ -1,0 +1,39 @@
+# nbdcrypt: `make run` serves a demo image, `make test` runs the whole suite.
+# Both install what is missing first (Debian 12, as root).
+
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+PYTHON := $(VENV)/bin/python
+STATE ?= $(CURDIR)/.state
+# nbdkit's Python plugin embeds Debian's interpreter: the venv must be built from it.
+SYSTEM_PYTHON := /usr/bin/python3
+APT_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin nbdfuse fio qemu-utils \
+	cryptsetup-bin fuse3 e2fsprogs python3-venv python3-pip
+PYTEST_ARGS ?=
+
+.PHONY: run test deps venv clean
+
+run: deps venv
+	@scripts/demo "$(STATE)"
+
+test: deps venv
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,152 @@
+"""``nbdcrypt serve``: unlock once, then run nbdkit with the plugin until told to stop.
+
+The master key travels to nbdkit through a pipe inherited as a file descriptor:
+never argv, never the environment.  nbdkit runs in the foreground as our child
+(``--exit-with-parent``); SIGTERM and SIGINT are forwarded so in-flight requests
+finish and nbdkit exits cleanly.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .. import plugin
+from ..errors import InputError, NbdcryptError, ReadOnlyError
+from ..formats import open_header
+
+PLUGIN_SCRIPT = Path(plugin.__file__).parent / "nbdkit_plugin.py"
+READY_TIMEOUT = 30.0
+
+
+def unlock(image, header_path, passphrase):
+    """Open the header and return ``(header, master_key)``; all errors are InputErrors."""
+    header_path = header_path or image
+    try:
+        with open(header_path, "rb") as f:
+            header = open_header(f, header_path)
+            return header, bytearray(header.unlock(passphrase, f))
+    except FileNotFoundError:
+        raise InputError(f"{header_path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{header_path}: is a directory") from None
+
+
+def check_writable(image):
+    try:
+        os.close(os.open(image, os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        raise ReadOnlyError(f"{image}: image is read-only; pass --readonly to serve it") from None
+
+
+def default_socket(image):
+    """A per-image socket path in the runtime directory (0700)."""
+    base = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    directory = Path(base, "nbdcrypt") if base else Path("/run/nbdcrypt" if os.geteuid() == 0 else f"/tmp/nbdcrypt-{os.getuid()}")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return directory / f"{Path(image).name}.sock"
+
+
+def nbdkit_command(image, header, key_fd, listener, readonly):
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise NbdcryptError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
+    cmd = [nbdkit, "--foreground", "--exit-with-parent", *listener]
+    if readonly:
+        cmd.append("--readonly")
+    cmd += ["python", str(PLUGIN_SCRIPT), f"image={image}", f"master-key-fd={key_fd}"]
+    if header:
+        cmd.append(f"header={header}")
+    if readonly:
+        cmd.append("readonly=true")
+    return cmd
+
+
+def plugin_environment():
+    """nbdkit embeds the system Python: let it import what this interpreter imports."""
+    env = dict(os.environ)
+    paths = [p for p in sys.path if p and Path(p).is_dir()]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127.0.0.1", readonly=False,
+          log=print):
+    """Serve ``image`` until SIGTERM/SIGINT; return nbdkit's exit status."""
+    image = os.path.abspath(image)
+    header = os.path.abspath(header) if header else None
+    hdr, key = unlock(image, header, passphrase)
+    if not readonly:
+        check_writable(image)
+    if port is None:
+        socket_path = Path(os.path.abspath(socket_path)) if socket_path else default_socket(image)
+        if socket_path.exists():
+            raise InputError(f"{socket_path}: socket already exists (another server running?)")
+        listener = ["--unix", str(socket_path)]
+        uri = f"nbd+unix:///?socket={socket_path}"
+    else:
+        listener = ["--port", str(port), "--ipaddr", bind]
+        uri = f"nbd://{bind}:{port}/"
+
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, key)
+    finally:
+        os.close(write_end)
+        key[:] = bytes(len(key))
+    cmd = nbdkit_command(image, header, read_end, listener, readonly)
+    old_umask = os.umask(0o077)  # the socket is for its owner only
+    try:
+        child = subprocess.Popen(cmd, pass_fds=(read_end,), env=plugin_environment())
+    finally:
+        os.umask(old_umask)
+        os.close(read_end)
+
+    stop = _forward_signals(child)
+    try:
+        if _wait_ready(child, socket_path, bind, port):
+            size = Path(image).stat().st_size - hdr.payload_offset
+            log(f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, "
+                f"{size // hdr.sector_size * hdr.sector_size} bytes) at {uri}", flush=True)
+        status = child.wait()
+    finally:
+        stop()
+        if socket_path is not None and child.poll() is not None:
+            Path(socket_path).unlink(missing_ok=True)
+    return status
+
+
+def _forward_signals(child):
+    def forward(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def _wait_ready(child, socket_path, bind, port):
+    """Wait until the listener answers with the NBD greeting; False if nbdkit died first."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            return False
+        try:
+            if socket_path is not None:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(str(socket_path))
+            else:
+                sock = socket.create_connection((bind, port))
+            with sock:
+                sock.settimeout(5)
+                if sock.recv(8) == b"NBDMAGIC":
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.02)
+    child.terminate()
+    raise NbdcryptError("nbdkit did not start answering within 30 s")

@@ -1,0 +1,81 @@
+"""One served export: configuration, opening the image and the master-key handover.
+
+The daemon derives the master key once and hands it to nbdkit over an inherited
+pipe (``master-key-fd=N``), so no NBD connection ever re-runs the key derivation
+and no secret appears on a command line.  Used directly from nbdkit, the plugin
+also accepts ``key-file=PATH`` holding the passphrase.
+"""
+
+import os
+
+from ..errors import InputError
+from ..formats import open_header
+from .store import FileStore
+from .volume import Volume
+
+PARAMETERS = {
+    "image": "the encrypted image file (required)",
+    "header": "a detached LUKS header file",
+    "master-key-fd": "file descriptor to read the master key from (the daemon's handover)",
+    "key-file": "file holding the passphrase (when run without the daemon)",
+    "readonly": "true to open the image read-only",
+}
+
+
+class Export:
+    """Collects nbdkit's ``key=value`` parameters, then opens the volume once."""
+
+    def __init__(self):
+        self.params = {}
+        self.volume = None
+
+    def config(self, key, value):
+        if key not in PARAMETERS:
+            raise InputError(f"unknown parameter {key}; known: {', '.join(PARAMETERS)}")
+        self.params[key] = value
+
+    def config_complete(self):
+        if "image" not in self.params:
+            raise InputError("image=PATH is required")
+        if ("master-key-fd" in self.params) == ("key-file" in self.params):
+            raise InputError("give exactly one of master-key-fd=N or key-file=PATH")
+
+    def open_volume(self):
+        """Open store and header, obtain the master key and build the volume."""
+        readonly = self.params.get("readonly", "false").lower() in ("true", "1", "yes", "on")
+        store = FileStore(self.params["image"], readonly=readonly)
+        header_path = self.params.get("header", self.params["image"])
+        with open(header_path, "rb") as f:
+            header = open_header(f, header_path)
+            key = self._master_key(header, f)
+        try:
+            cipher = header.payload_cipher(key)
+        finally:
+            _wipe(key)
+        payload = store.size() - header.payload_offset
+        size = max(0, payload // header.sector_size * header.sector_size)
+        self.volume = Volume(store, cipher, header.payload_offset, size)
+        return self.volume
+
+    def _master_key(self, header, f):
+        if "key-file" in self.params:
+            with open(self.params["key-file"], "rb") as kf:
+                return bytearray(header.unlock(kf.read(), f))
+        key = bytearray(read_all(int(self.params["master-key-fd"])))
+        header.check_master_key(bytes(key))
+        return key
+
+
+def read_all(fd):
+    """Read a pipe to its end and close it."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _wipe(buf):
+    buf[:] = bytes(len(buf))

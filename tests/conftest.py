@@ -1,0 +1,109 @@
+"""Fixtures that start real tools the way a user would."""
+
+import hashlib
+import os
+import select
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.tools import nbdcrypt_cmd, require, run, write_key
+
+PASSPHRASE = b"correct horse battery staple"
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    return write_key(tmp_path / "key", PASSPHRASE)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def qemu_luks_create(image, key_file, size="16M", **opts):
+    """A LUKS1 image made by qemu-img; opts are qemu's luks options (cipher_alg=aes-256 ...)."""
+    require("qemu-img")
+    options = ",".join(["key-secret=s0", "iter-time=10"] + [f"{k.replace('_', '-')}={v}" for k, v in opts.items()])
+    run(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={key_file}",
+         "-o", options, str(image), size])
+    return Path(image)
+
+
+def qemu_luks_opts(image, key_file):
+    """qemu-img/qemu-io arguments that open ``image`` through QEMU's own LUKS driver."""
+    return ["--object", f"secret,id=s0,file={key_file}", "--image-opts",
+            f"driver=luks,key-secret=s0,file.filename={image}"]
+
+
+def random_file(path, size, seed=0):
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(data)
+    return Path(path)
+
+
+@contextmanager
+def serving(image, key_file, *extra, socket_path=None, timeout=60):
+    """Run ``nbdcrypt serve`` in the background; yield its NBD URI; stop it with SIGTERM."""
+    require("nbdkit")
+    socket_path = socket_path or Path(image).with_suffix(".sock")
+    cmd = nbdcrypt_cmd() + ["serve", str(image), "--key-file", str(key_file), "--socket", str(socket_path), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = _await_line(proc, b"serving", timeout)
+        assert line, f"nbdcrypt serve did not become ready: {proc.stderr.read().decode()}"
+        uri = line.decode().rsplit(" at ", 1)[1].strip()
+        yield uri
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            status = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert status == 0, f"nbdcrypt serve exited {status}: {proc.stderr.read().decode()}"
+
+
+def _await_line(proc, marker, timeout):
+    deadline = time.monotonic() + timeout
+    buffered = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                return None
+            buffered += chunk
+            for line in buffered.splitlines():
+                if marker in line:
+                    return line
+        elif proc.poll() is not None:
+            return None
+    return None
+
+
+@pytest.fixture
+def nbd_handle():
+    """Open libnbd handles to a URI; all are closed at the end of the test."""
+    nbd = pytest.importorskip("nbd", reason="needs python3-libnbd")
+    handles = []
+
+    def connect(uri):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        handles.append(h)
+        return h
+
+    yield connect
+    for h in handles:
+        h.shutdown()

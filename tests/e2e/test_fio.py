@@ -1,0 +1,22 @@
+"""fio's nbd ioengine with verification against a served image."""
+
+import json
+
+from tests.conftest import serving
+from tests.tools import nbdcrypt_cmd, require, run
+
+
+def test_fio_verify_crc32c(tmp_path, key_file):
+    require("fio")
+    image = tmp_path / "fio.img"
+    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(image), "64M", "--key-file", str(key_file),
+                          "--iter-time", "10"])
+    with serving(image, key_file) as uri:
+        result = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                      "--bssplit=4k/50:64k/30:1m/20", "--size=24M", "--iodepth=8", "--numjobs=2",
+                      "--offset_increment=32M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                      "--output-format=json"])
+    jobs = json.loads(result.stdout[result.stdout.index("{"):])["jobs"]
+    assert all(job["error"] == 0 for job in jobs)
+    assert sum(job["write"]["io_bytes"] for job in jobs) > 0
+    assert sum(job["read"]["io_bytes"] for job in jobs) > 0  # the verify pass read everything back
