@@ -1,0 +1,68 @@
+import re
+
+import pytest
+
+from nbdcrypt.crypto.spec import CipherSpec
+from nbdcrypt.errors import InputError, UnsupportedError
+
+GOOD = [
+    ("aes-xts-plain64", CipherSpec("aes", "xts", "plain64")),
+    ("aes-xts-plain", CipherSpec("aes", "xts", "plain")),
+    ("aes-cbc-essiv:sha256", CipherSpec("aes", "cbc", "essiv", "sha256")),
+    ("aes-cbc-plain64be", CipherSpec("aes", "cbc", "plain64be")),
+    ("aes-cbc-benbi", CipherSpec("aes", "cbc", "benbi")),
+    ("aes-cbc-null", CipherSpec("aes", "cbc", "null")),
+    ("aes-ctr-plain64", CipherSpec("aes", "ctr", "plain64")),
+    ("aes-ecb", CipherSpec("aes", "ecb", "")),
+    ("aes-ecb-plain64", CipherSpec("aes", "ecb", "plain64")),  # QEMU's ECB; the IV is ignored
+]
+
+BAD = [
+    "", "aes", "aes-", "aes-cbc", "aes-xts-", "aes-cbc-essiv",
+    "aes-cbc-essiv:", "aes-cbc-essiv:sha1", "aes-cbc-essiv:sha512", "aes-cbc-plain:sha256",
+    "aes-xts-plain64-", "AES-XTS-PLAIN64", "serpent-xts-plain64", "twofish-cbc-essiv:sha256",
+    "aes-gcm-random", "aes-xts-lmk", "aes--plain64", "capi:xts(aes)-plain64",
+]
+
+
+@pytest.mark.parametrize("text, spec", GOOD)
+def test_parse_and_format_round_trip(text, spec):
+    assert CipherSpec.parse(text) == spec
+    assert str(spec) == text
+
+
+@pytest.mark.parametrize("text, spec", GOOD)
+def test_luks_header_strings_round_trip(text, spec):
+    assert (spec.luks_name, spec.luks_mode) == tuple(text.split("-", 1))
+    assert CipherSpec.from_luks(spec.luks_name, spec.luks_mode) == spec
+
+
+@pytest.mark.parametrize("text", BAD)
+def test_unsupported_specs_are_named_in_the_error(text):
+    with pytest.raises(UnsupportedError, match=f"unsupported cipher {re.escape(text)}$"):
+        CipherSpec.parse(text)
+
+
+def test_bad_luks_fields_name_the_whole_spec():
+    with pytest.raises(UnsupportedError, match="unsupported cipher serpent-cbc-plain"):
+        CipherSpec.from_luks("serpent", "cbc-plain")
+
+
+def test_constructor_checks_too():
+    with pytest.raises(UnsupportedError):
+        CipherSpec("aes", "xts", "essiv")  # essiv without its hash
+
+
+@pytest.mark.parametrize("text, good, bad", [
+    ("aes-xts-plain64", [32, 64], [16, 24, 48, 0, 128]),
+    ("aes-cbc-essiv:sha256", [16, 24, 32], [8, 64, 0]),
+    ("aes-ecb", [16, 24, 32], [31]),
+    ("aes-ctr-plain64", [16, 24, 32], [64]),
+])
+def test_key_sizes(text, good, bad):
+    spec = CipherSpec.parse(text)
+    for size in good:
+        spec.check_key_size(size)
+    for size in bad:
+        with pytest.raises(InputError, match=f"{text} needs .* not {8 * size} bits"):
+            spec.check_key_size(size)
