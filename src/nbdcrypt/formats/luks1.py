@@ -1,0 +1,385 @@
+"""LUKS1 on-disk format (LUKS1 On-Disk Format Specification 1.2.3, cryptsetup lib/luks1).
+
+Three layers, as in cryptsetup:
+
+* the header: :meth:`Luks1Header.parse` / :meth:`Luks1Header.pack` and the sanity
+  check of every field (:meth:`Luks1Header.check`), run before any key is tried so a
+  corrupt or hostile header can never steer reads outside the file;
+* keyslots: PBKDF2 of the passphrase decrypts anti-forensic material, which merges
+  into the master key, accepted only if it matches the header's digest;
+* :func:`format_luks1`, which lays an image out exactly as
+  ``cryptsetup luksFormat --type luks1`` does.
+"""
+
+import contextlib
+import hmac
+import math
+import os
+import struct
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from nbdcrypt.crypto import af
+from nbdcrypt.crypto.engine import SectorCipher
+from nbdcrypt.crypto.kdf import hash_factory, pbkdf2, pbkdf2_iterations
+from nbdcrypt.crypto.spec import CipherSpec
+from nbdcrypt.errors import BadPassphraseError, FormatError, InputError, UnsupportedError
+
+MAGIC = b"LUKS\xba\xbe"
+VERSION = 1
+SECTOR_SIZE = 512
+HEADER_SIZE = 592
+NUM_KEYSLOTS = 8
+STRIPES = 4000
+DIGEST_SIZE = 20
+SALT_SIZE = 32
+KEY_ENABLED = 0x00AC71F3
+KEY_DISABLED = 0x0000DEAD
+
+# magic, version, cipher-name, cipher-mode, hash-spec, payload-offset, key-bytes,
+# mk-digest, mk-digest-salt, mk-digest-iter, uuid; then 8 keyslots of
+# active, iterations, salt, key-material-offset, stripes.
+_FIXED = struct.Struct(">6sH32s32s32sII20s32sI40s")
+_KEYSLOT = struct.Struct(">II32sII")
+assert _FIXED.size + NUM_KEYSLOTS * _KEYSLOT.size == HEADER_SIZE
+
+# cryptsetup's layout: keyslot areas 4 KiB aligned, payload 1 MiB aligned.
+KEYSLOT_ALIGN = 4096 // SECTOR_SIZE
+PAYLOAD_ALIGN = 2048
+# No tool writes more; a larger count is corruption, or a header built to hang us.
+MAX_ITERATIONS = 1 << 30
+# cryptsetup spends this long on the master-key digest, whatever --iter-time says.
+MK_DIGEST_MS = 125
+MIN_ITERATIONS = 1000
+
+
+@dataclass(frozen=True)
+class Keyslot:
+    active: bool
+    iterations: int
+    salt: bytes
+    offset: int  # key material offset, in sectors
+    stripes: int = STRIPES
+
+
+@dataclass(frozen=True)
+class Luks1Header:
+    """A parsed, checked LUKS1 header.  ``name`` names the image in messages only."""
+
+    cipher_spec: CipherSpec
+    hash_name: str
+    payload_sector: int
+    key_bytes: int
+    mk_digest: bytes
+    mk_digest_salt: bytes
+    mk_digest_iterations: int
+    uuid: str
+    keyslots: tuple[Keyslot, ...]
+    name: str = field(default="image", compare=False)
+
+    sector_size: ClassVar[int] = SECTOR_SIZE
+
+    @property
+    def payload_offset(self):
+        """Where the encrypted payload starts, in bytes."""
+        return self.payload_sector * SECTOR_SIZE
+
+    @property
+    def keyslot_sectors(self):
+        return _keyslot_sectors(self.key_bytes)
+
+    # -- on-disk structure ---------------------------------------------------------
+
+    @classmethod
+    def read(cls, f, name="image"):
+        """Read and check the header of an open binary file (which the caller closes)."""
+        f.seek(0)
+        buf = f.read(HEADER_SIZE)
+        return cls.parse(buf, f.seek(0, os.SEEK_END), name)
+
+    @classmethod
+    def parse(cls, buf, file_size, name="image"):
+        """Decode ``buf`` (the first bytes of a file of ``file_size`` bytes) and check it."""
+        if buf[: len(MAGIC)] != MAGIC:
+            raise FormatError(f"{name}: not a LUKS image")
+        if len(buf) < HEADER_SIZE:
+            raise FormatError(f"{name}: truncated LUKS header ({len(buf)} of {HEADER_SIZE} bytes)")
+        (_, version, cipher_name, cipher_mode, hash_spec, payload_sector, key_bytes,
+         mk_digest, mk_digest_salt, mk_digest_iterations, uuid_field) = _FIXED.unpack_from(buf)
+        if version == 2:
+            raise UnsupportedError(f"{name}: LUKS2 is not supported yet")
+        if version != VERSION:
+            raise FormatError(f"{name}: unknown LUKS version {version}")
+        cipher_name, cipher_mode, hash_name, uuid_text = (
+            _decode(raw, label, name)
+            for raw, label in ((cipher_name, "cipher name"), (cipher_mode, "cipher mode"),
+                               (hash_spec, "hash spec"), (uuid_field, "uuid"))
+        )
+        try:
+            spec = CipherSpec.from_luks(cipher_name, cipher_mode)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"{name}: {e}") from None
+        if (spec.luks_name, spec.luks_mode) != (cipher_name, cipher_mode):
+            raise UnsupportedError(f"{name}: unsupported cipher {cipher_name} {cipher_mode}")
+        keyslots = []
+        slots = _KEYSLOT.iter_unpack(buf[_FIXED.size : HEADER_SIZE])
+        for i, (active, iterations, salt, offset, stripes) in enumerate(slots):
+            if active not in (KEY_ENABLED, KEY_DISABLED):
+                raise FormatError(f"{name}: keyslot {i} has an invalid state {active:#010x}")
+            keyslots.append(Keyslot(active == KEY_ENABLED, iterations, salt, offset, stripes))
+        header = cls(spec, hash_name, payload_sector, key_bytes, mk_digest, mk_digest_salt,
+                     mk_digest_iterations, uuid_text, tuple(keyslots), name)
+        header.check(file_size)
+        return header
+
+    def check(self, file_size):
+        """Sanity-check every field against itself and the file size, like cryptsetup's
+        LUKS_check_keyslots and nbdkit's luks filter; FormatError/UnsupportedError."""
+        name = self.name
+        if len(self.keyslots) != NUM_KEYSLOTS:
+            raise FormatError(f"{name}: {len(self.keyslots)} keyslots, expected {NUM_KEYSLOTS}")
+        try:
+            hash_factory(self.hash_name)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"{name}: {e}") from None
+        try:
+            self.cipher_spec.check_key_size(self.key_bytes)
+        except InputError:
+            raise FormatError(
+                f"{name}: key size of {self.key_bytes} bytes does not fit {self.cipher_spec}") from None
+        _check_iterations(self.mk_digest_iterations, "master key digest", name)
+        if self.payload_sector == 0:
+            raise UnsupportedError(f"{name}: detached LUKS headers are not supported yet")
+        if self.payload_offset > file_size:
+            raise FormatError(f"{name}: payload offset {self.payload_offset} is past the end of "
+                              f"the file ({file_size} bytes)")
+        # Every keyslot area, enabled or not, lies between the header and the payload,
+        # inside the file, and apart from the others (areas sorted by offset).
+        previous_end, previous = 0, None
+        for i, slot in sorted(enumerate(self.keyslots), key=lambda item: item[1].offset):
+            where = f"{name}: keyslot {i}"
+            if slot.stripes != STRIPES:
+                raise FormatError(f"{where} has {slot.stripes} anti-forensic stripes, expected {STRIPES}")
+            if slot.active:
+                _check_iterations(slot.iterations, f"keyslot {i}", name)
+            end = slot.offset + self.keyslot_sectors
+            if slot.offset * SECTOR_SIZE < HEADER_SIZE:
+                raise FormatError(f"{where} material at sector {slot.offset} overlaps the header")
+            if slot.offset < previous_end:
+                raise FormatError(f"{where} material at sector {slot.offset} overlaps keyslot {previous}")
+            if end > self.payload_sector:
+                raise FormatError(f"{where} material (sectors {slot.offset}-{end - 1}) overlaps "
+                                  f"the payload at sector {self.payload_sector}")
+            previous_end, previous = end, i
+
+    def pack(self):
+        """The 592 header bytes."""
+        out = bytearray(_FIXED.pack(
+            MAGIC, VERSION, _encode(self.cipher_spec.luks_name), _encode(self.cipher_spec.luks_mode),
+            _encode(self.hash_name), self.payload_sector, self.key_bytes, self.mk_digest,
+            self.mk_digest_salt, self.mk_digest_iterations, _encode(self.uuid, 40)))
+        for slot in self.keyslots:
+            out += _KEYSLOT.pack(KEY_ENABLED if slot.active else KEY_DISABLED, slot.iterations,
+                                 slot.salt, slot.offset, slot.stripes)
+        return bytes(out)
+
+    def info(self):
+        """What ``luksDump`` shows, without salts, digests or anything secret."""
+        return {
+            "format": "luks1",
+            "version": VERSION,
+            "cipher": str(self.cipher_spec),
+            "key_bits": self.key_bytes * 8,
+            "hash": self.hash_name,
+            "uuid": self.uuid,
+            "payload_offset": self.payload_offset,
+            "sector_size": SECTOR_SIZE,
+            "mk_digest_iterations": self.mk_digest_iterations,
+            "keyslots": [
+                {
+                    "slot": i,
+                    "state": "enabled" if slot.active else "disabled",
+                    "iterations": slot.iterations,
+                    "stripes": slot.stripes,
+                    "offset": slot.offset * SECTOR_SIZE,
+                }
+                for i, slot in enumerate(self.keyslots)
+            ],
+        }
+
+    # -- keys and keyslots ---------------------------------------------------------
+
+    def unlock(self, passphrase, f):
+        """The master key (a bytearray the caller should wipe) from the first enabled
+        keyslot the passphrase opens; BadPassphraseError if none does."""
+        for slot in self.keyslots:
+            if slot.active:
+                key = self._open_keyslot(slot, passphrase, f)
+                if self._digest_matches(key):
+                    return key
+                _wipe(key)
+        raise BadPassphraseError(f"{self.name}: no key available with this passphrase")
+
+    def check_master_key(self, key):
+        """Raise unless ``key`` is this image's master key (e.g. one given by the user)."""
+        if len(key) != self.key_bytes:
+            raise InputError(f"{self.name}: master key is {len(key)} bytes, the header says {self.key_bytes}")
+        if not self._digest_matches(key):
+            raise BadPassphraseError(f"{self.name}: master key does not match the header's digest")
+
+    def payload_cipher(self, master_key):
+        """The sector cipher for the payload; sector numbers count from the payload offset.
+
+        It gets its own copy of the key: the engine keys new threads' contexts from it
+        later, so the caller's buffer must stay free to wipe."""
+        return SectorCipher(self.cipher_spec, bytes(master_key), sector_size=SECTOR_SIZE)
+
+    def _digest_matches(self, key):
+        digest = pbkdf2(self.hash_name, key, self.mk_digest_salt, self.mk_digest_iterations, DIGEST_SIZE)
+        return hmac.compare_digest(digest, self.mk_digest)
+
+    @contextlib.contextmanager
+    def _keyslot_cipher(self, slot, passphrase):
+        """Keyslot material is encrypted with the payload's cipher under a key derived
+        from the passphrase; its IV sector numbers start at 0."""
+        derived = bytearray(pbkdf2(self.hash_name, passphrase, slot.salt, slot.iterations, self.key_bytes))
+        try:
+            yield SectorCipher(self.cipher_spec, derived, sector_size=SECTOR_SIZE)
+        finally:
+            _wipe(derived)
+
+    def _open_keyslot(self, slot, passphrase, f):
+        size = self.keyslot_sectors * SECTOR_SIZE
+        f.seek(slot.offset * SECTOR_SIZE)
+        material = bytearray(f.read(size))
+        if len(material) != size:
+            raise FormatError(f"{self.name}: keyslot material at sector {slot.offset} is truncated")
+        try:
+            with self._keyslot_cipher(slot, passphrase) as cipher:
+                cipher.decrypt(material, 0)
+            return af.merge(material, self.key_bytes, slot.stripes, self.hash_name)
+        finally:
+            _wipe(material)
+
+    def _seal_keyslot(self, slot, passphrase, master_key):
+        """The encrypted keyslot material to write at ``slot.offset``."""
+        material = af.split(master_key, slot.stripes, self.hash_name)
+        material += bytes(self.keyslot_sectors * SECTOR_SIZE - len(material))
+        with self._keyslot_cipher(slot, passphrase) as cipher:
+            cipher.encrypt(material, 0)
+        return material
+
+
+def _decode(raw, label, name):
+    """A NUL-terminated printable ASCII header string."""
+    text, nul, _ = raw.partition(b"\0")
+    if not nul or not all(0x20 < c < 0x7F for c in text):
+        raise FormatError(f"{name}: {label} field is not a NUL-terminated string")
+    return text.decode("ascii")
+
+
+def _encode(text, size=32):
+    raw = text.encode("ascii")
+    if len(raw) >= size:
+        raise InputError(f"{text!r} does not fit a {size}-byte LUKS1 header field")
+    return raw
+
+
+def _check_iterations(count, what, name):
+    if not 0 < count <= MAX_ITERATIONS:
+        raise FormatError(f"{name}: {what} has {count} PBKDF2 iterations, expected 1 to {MAX_ITERATIONS}")
+
+
+def _wipe(buf):
+    buf[:] = bytes(len(buf))
+
+
+# -- creating images -----------------------------------------------------------------
+
+
+def _keyslot_sectors(key_bytes):
+    """Sectors one keyslot's anti-forensic material fills (cryptsetup's AF_split_sectors)."""
+    return math.ceil(key_bytes * STRIPES / SECTOR_SIZE)
+
+
+def layout(key_bytes):
+    """cryptsetup's keyslot offsets and payload sector for a key of ``key_bytes`` bytes."""
+    slot_sectors = _keyslot_sectors(key_bytes)
+    offsets, sector = [], KEYSLOT_ALIGN  # the first keyslot follows the header's 4 KiB
+    for _ in range(NUM_KEYSLOTS):
+        offsets.append(sector)
+        sector = _round_up(sector + slot_sectors, KEYSLOT_ALIGN)
+    return offsets, _round_up(sector, PAYLOAD_ALIGN)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def format_luks1(path, payload_size, passphrase, cipher="aes-xts-plain64", key_bits=256,
+                 hash_name="sha256", iter_time_ms=2000):
+    """Create a new LUKS1 image at ``path`` with ``payload_size`` bytes of (sparse) payload
+    and keyslot 0 opened by ``passphrase``; returns its header.
+
+    Arguments are checked before anything is created.  The image is built in a
+    temporary file beside ``path`` and linked into place, so an error or a crash never
+    leaves a half-written image, and an existing file is never overwritten.
+    """
+    path = Path(path)
+    spec = CipherSpec.parse(cipher)
+    if key_bits <= 0 or key_bits % 8:
+        raise InputError(f"key size must be a positive multiple of 8 bits, not {key_bits}")
+    key_bytes = key_bits // 8
+    spec.check_key_size(key_bytes)
+    hash_factory(hash_name)
+    if payload_size < 0 or payload_size % SECTOR_SIZE:
+        raise InputError(
+            f"payload size must be a non-negative multiple of {SECTOR_SIZE} bytes, not {payload_size}")
+    if iter_time_ms <= 0:
+        raise InputError(f"iteration time must be positive, not {iter_time_ms} ms")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: no such directory {path.parent}")
+    if path.exists():
+        raise InputError(f"{path}: already exists")
+
+    offsets, payload_sector = layout(key_bytes)
+    master_key = bytearray(os.urandom(key_bytes))
+    try:
+        # Like cryptsetup, the digest's iteration count comes from the benchmark at the
+        # key length, scaled to its fixed time budget.
+        mk_salt = os.urandom(SALT_SIZE)
+        mk_iterations = pbkdf2_iterations(hash_name, MK_DIGEST_MS, key_bytes, MIN_ITERATIONS)
+        slot0 = Keyslot(True, pbkdf2_iterations(hash_name, iter_time_ms, key_bytes, MIN_ITERATIONS),
+                        os.urandom(SALT_SIZE), offsets[0])
+        header = Luks1Header(
+            spec, hash_name, payload_sector, key_bytes,
+            pbkdf2(hash_name, master_key, mk_salt, mk_iterations, DIGEST_SIZE), mk_salt, mk_iterations,
+            str(uuid.uuid4()), (slot0, *(Keyslot(False, 0, bytes(SALT_SIZE), o) for o in offsets[1:])),
+            str(path))
+        header.check(header.payload_offset + payload_size)
+        sealed = header._seal_keyslot(slot0, passphrase, master_key)
+    finally:
+        _wipe(master_key)
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "r+b") as f:
+            f.truncate(header.payload_offset + payload_size)
+            f.write(header.pack())
+            # cryptsetup fills every keyslot area with random bytes, so unused ones
+            # cannot be told apart from used ones.
+            for slot in header.keyslots:
+                f.seek(slot.offset * SECTOR_SIZE)
+                f.write(sealed if slot.active else os.urandom(len(sealed)))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise InputError(f"{path}: already exists") from None
+    finally:
+        os.unlink(tmp)
+    return header
