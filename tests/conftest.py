@@ -34,8 +34,16 @@ def qemu_luks_create(image, key_file, size="16M", **opts):
     """A LUKS1 image made by qemu-img; opts are qemu's luks options (cipher_alg=aes-256 ...)."""
     require("qemu-img")
     options = ",".join(["key-secret=s0", "iter-time=10"] + [f"{k.replace('_', '-')}={v}" for k, v in opts.items()])
-    run(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={key_file}",
-         "-o", options, str(image), size])
+    cmd = ["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={key_file}",
+           "-o", options, str(image), size]
+    # QEMU's PBKDF2 calibration fails now and then with "Unable to get accurate CPU usage":
+    # it times 2^15 iterations by thread CPU time, which can read as 0 ms on a fast CPU
+    # (most often with sha1). Running it again succeeds.
+    for _ in range(30):
+        result = run(cmd, check=False)
+        if "Unable to get accurate CPU usage" not in result.stderr:
+            break
+    assert result.returncode == 0, result.stderr
     return Path(image)
 
 
@@ -58,20 +66,20 @@ def serving(image, key_file, *extra, socket_path=None, timeout=60):
     socket_path = socket_path or Path(image).with_suffix(".sock")
     cmd = nbdcrypt_cmd() + ["serve", str(image), "--key-file", str(key_file), "--socket", str(socket_path), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = _await_line(proc, b"serving", timeout)
-        assert line, f"nbdcrypt serve did not become ready: {proc.stderr.read().decode()}"
-        uri = line.decode().rsplit(" at ", 1)[1].strip()
-        yield uri
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+    with proc:
         try:
-            status = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert status == 0, f"nbdcrypt serve exited {status}: {proc.stderr.read().decode()}"
+            line = _await_line(proc, b"serving", timeout)
+            assert line, f"nbdcrypt serve did not become ready: {proc.stderr.read().decode()}"
+            yield line.decode().rsplit(" at ", 1)[1].strip()
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                _, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+    assert proc.returncode == 0, f"nbdcrypt serve exited {proc.returncode}: {stderr.decode()}"
 
 
 def _await_line(proc, marker, timeout):
@@ -106,4 +114,7 @@ def nbd_handle():
 
     yield connect
     for h in handles:
-        h.shutdown()
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass  # the server is already gone

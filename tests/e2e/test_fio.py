@@ -15,7 +15,7 @@ def test_fio_verify_crc32c(tmp_path, key_file):
         result = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
                       "--bssplit=4k/50:64k/30:1m/20", "--size=24M", "--iodepth=8", "--numjobs=2",
                       "--offset_increment=32M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-                      "--output-format=json"])
+                      "--output-format=json"], cwd=tmp_path)  # fio leaves verify state files in cwd
     jobs = json.loads(result.stdout[result.stdout.index("{"):])["jobs"]
     assert all(job["error"] == 0 for job in jobs)
     assert sum(job["write"]["io_bytes"] for job in jobs) > 0

@@ -21,14 +21,16 @@ def attached(uri, workdir):
     fuse_dir.mkdir(exist_ok=True)
     pidfile = Path(workdir, "nbdfuse.pid")
     pidfile.unlink(missing_ok=True)
-    fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), f"{fuse_dir}/disk", "--unix", sock],
-                            stderr=subprocess.PIPE)
+    log = Path(workdir, "nbdfuse.log")
+    with open(log, "wb") as stderr:
+        fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), f"{fuse_dir}/disk", "--unix", sock], stderr=stderr)
     deadline = time.monotonic() + 20
     while not pidfile.exists() and fuse.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     if not pidfile.exists():
         fuse.kill()
-        pytest.skip(f"nbdfuse could not mount here: {fuse.stderr.read().decode().strip()}")
+        fuse.wait()
+        pytest.skip(f"nbdfuse could not mount here: {log.read_text().strip()}")
     try:
         loop = run(["losetup", "-f", "--show", f"{fuse_dir}/disk"], check=False)
         if loop.returncode != 0:

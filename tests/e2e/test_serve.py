@@ -3,6 +3,7 @@
 import errno
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +16,8 @@ QEMU_SPECS = {
     "aes-xts-plain": dict(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain"),
     "aes-cbc-essiv:sha256": dict(cipher_alg="aes-256", cipher_mode="cbc", ivgen_alg="essiv", ivgen_hash_alg="sha256"),
     "aes-cbc-plain64": dict(cipher_alg="aes-128", cipher_mode="cbc", ivgen_alg="plain64"),
-    "aes-cbc-plain": dict(cipher_alg="aes-256", cipher_mode="cbc", ivgen_alg="plain", hash_alg="sha1"),
-    "aes-ecb": dict(cipher_alg="aes-256", cipher_mode="ecb", hash_alg="sha512"),
+    "aes-cbc-plain": dict(cipher_alg="aes-256", cipher_mode="cbc", ivgen_alg="plain", hash_alg="sha512"),
+    "aes-ecb-plain64": dict(cipher_alg="aes-256", cipher_mode="ecb", hash_alg="sha256"),
 }
 SIZE = 8 << 20
 
@@ -51,7 +52,8 @@ def test_qemu_reads_nbdcrypt_written_data(tmp_path, key_file, spec):
     assert "Images are identical" in result.stdout
 
 
-@pytest.mark.parametrize("spec", ["aes-xts-plain64-512", "aes-cbc-essiv:sha256", "aes-cbc-plain64"])
+# nbdkit 1.32's luks filter knows only the plain and plain64 IV generators.
+@pytest.mark.parametrize("spec", ["aes-xts-plain64-512", "aes-xts-plain", "aes-cbc-plain64"])
 def test_nbdkit_luks_filter_reads_nbdcrypt_written_data(tmp_path, key_file, spec):
     require("nbdkit", "nbdcopy")
     image = qemu_luks_create(tmp_path / "img", key_file, f"{SIZE}", **QEMU_SPECS[spec])
@@ -145,7 +147,7 @@ def test_readonly_export_refuses_writes_and_leaves_image_alone(image, key_file, 
         assert h.is_read_only()
         with pytest.raises(nbd.Error) as failure:
             h.pwrite(b"x" * 512, 0)
-        assert failure.value.errno in (errno.EPERM, errno.EROFS)
+        assert failure.value.errnum in (errno.EPERM, errno.EROFS)
         assert len(h.pread(4096, 0)) == 4096
     assert sha256_file(image) == before
 
@@ -177,15 +179,18 @@ def test_passphrase_from_fd_and_stdin(image, key_file, tmp_path):
         os.write(write_end, PASSPHRASE + b"\n")
         os.close(write_end)
         extra = ["--passphrase-fd", str(read_end)] if how == "fd" else []
-        proc = subprocess.Popen(nbdcrypt_cmd() + ["serve", str(image), "--socket", str(sock), *extra],
-                                stdin=read_end if how == "stdin" else subprocess.DEVNULL,
-                                pass_fds=(read_end,), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        os.close(read_end)
-        try:
-            line = proc.stdout.readline().decode()
-            assert "serving" in line, proc.stderr.read().decode()
-            assert PASSPHRASE.decode() not in open(f"/proc/{proc.pid}/cmdline").read()
-            assert str(SIZE) in run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"]).stdout
-        finally:
-            proc.terminate()
-            assert proc.wait(timeout=30) == 0
+        with subprocess.Popen(nbdcrypt_cmd() + ["serve", str(image), "--socket", str(sock), *extra],
+                              stdin=read_end if how == "stdin" else subprocess.DEVNULL, pass_fds=(read_end,),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            os.close(read_end)
+            try:
+                line = proc.stdout.readline().decode()
+                assert "serving" in line, proc.stderr.read().decode()
+                for pid in [proc.pid] + [int(p) for p in run(["pgrep", "-P", str(proc.pid)]).stdout.split()]:
+                    for leak in ("cmdline", "environ"):
+                        assert PASSPHRASE not in Path(f"/proc/{pid}/{leak}").read_bytes()
+                assert str(SIZE) in run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"]).stdout
+            finally:
+                proc.terminate()
+                proc.communicate(timeout=30)
+        assert proc.returncode == 0

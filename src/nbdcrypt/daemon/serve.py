@@ -3,16 +3,19 @@
 The master key travels to nbdkit through a pipe inherited as a file descriptor:
 never argv, never the environment.  nbdkit runs in the foreground as our child
 (``--exit-with-parent``); SIGTERM and SIGINT are forwarded so in-flight requests
-finish and nbdkit exits cleanly.
+finish, clients still connected after a grace period are dropped, and the image
+is fsynced before serve reports a clean stop.
 """
 
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import plugin
@@ -21,6 +24,9 @@ from ..formats import open_header
 
 PLUGIN_SCRIPT = Path(plugin.__file__).parent / "nbdkit_plugin.py"
 READY_TIMEOUT = 30.0
+STOP_GRACE = 5.0
+NBD_FLAG_C_FIXED_NEWSTYLE = 1
+NBD_OPT_ABORT = 2
 
 
 def unlock(image, header_path, passphrase):
@@ -86,12 +92,31 @@ def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127
         socket_path = Path(os.path.abspath(socket_path)) if socket_path else default_socket(image)
         if socket_path.exists():
             raise InputError(f"{socket_path}: socket already exists (another server running?)")
-        listener = ["--unix", str(socket_path)]
-        uri = f"nbd+unix:///?socket={socket_path}"
+        listener, uri = ["--unix", str(socket_path)], f"nbd+unix:///?socket={socket_path}"
     else:
-        listener = ["--port", str(port), "--ipaddr", bind]
-        uri = f"nbd://{bind}:{port}/"
+        listener, uri = ["--port", str(port), "--ipaddr", bind], f"nbd://{bind}:{port}/"
 
+    child = _spawn_nbdkit(image, header, key, listener, readonly)
+    try:
+        with _forwarded_signals(child) as stopping:
+            if _wait_ready(child, socket_path, bind, port):
+                size = Path(image).stat().st_size - hdr.payload_offset
+                log(f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, "
+                    f"{size // hdr.sector_size * hdr.sector_size} bytes) at {uri}", flush=True)
+            status = _supervise(child, stopping)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if socket_path is not None:
+            Path(socket_path).unlink(missing_ok=True)
+    if not readonly:
+        _sync(image)
+    return status
+
+
+def _spawn_nbdkit(image, header, key, listener, readonly):
+    """Start nbdkit with the master key in a pipe it inherits; wipe our copy."""
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, key)
@@ -101,36 +126,54 @@ def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127
     cmd = nbdkit_command(image, header, read_end, listener, readonly)
     old_umask = os.umask(0o077)  # the socket is for its owner only
     try:
-        child = subprocess.Popen(cmd, pass_fds=(read_end,), env=plugin_environment())
+        return subprocess.Popen(cmd, pass_fds=(read_end,), env=plugin_environment())
     finally:
         os.umask(old_umask)
         os.close(read_end)
 
-    stop = _forward_signals(child)
-    try:
-        if _wait_ready(child, socket_path, bind, port):
-            size = Path(image).stat().st_size - hdr.payload_offset
-            log(f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, "
-                f"{size // hdr.sector_size * hdr.sector_size} bytes) at {uri}", flush=True)
-        status = child.wait()
-    finally:
-        stop()
-        if socket_path is not None and child.poll() is not None:
-            Path(socket_path).unlink(missing_ok=True)
-    return status
 
+@contextmanager
+def _forwarded_signals(child):
+    """Forward SIGTERM/SIGINT/SIGHUP to nbdkit; yield a list that records when the first came."""
+    stopping = []
 
-def _forward_signals(child):
     def forward(signum, frame):
+        stopping.append(time.monotonic())
         if child.poll() is None:
-            child.send_signal(signum)
+            child.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    try:
+        yield stopping
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _supervise(child, stopping):
+    """Wait for nbdkit to exit.  Told to stop, nbdkit finishes in-flight requests but
+    then waits for idle clients to hang up; after STOP_GRACE seconds we stop waiting."""
+    while True:
+        try:
+            return child.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            if stopping and time.monotonic() - stopping[0] > STOP_GRACE:
+                child.kill()
+                child.wait()
+                return 0
+
+
+def _sync(image):
+    """Make everything nbdkit wrote durable before we report a clean stop."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _wait_ready(child, socket_path, bind, port):
-    """Wait until the listener answers with the NBD greeting; False if nbdkit died first."""
+    """Wait until the listener answers NBD; False if nbdkit died first."""
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if child.poll() is not None:
@@ -143,10 +186,24 @@ def _wait_ready(child, socket_path, bind, port):
                 sock = socket.create_connection((bind, port))
             with sock:
                 sock.settimeout(5)
-                if sock.recv(8) == b"NBDMAGIC":
+                if _nbd_greeting_then_abort(sock):
                     return True
         except OSError:
             pass
         time.sleep(0.02)
     child.terminate()
-    raise NbdcryptError("nbdkit did not start answering within 30 s")
+    raise NbdcryptError(f"nbdkit did not start answering within {READY_TIMEOUT:.0f} s")
+
+
+def _nbd_greeting_then_abort(sock):
+    """Read the fixed-newstyle greeting, then leave politely with NBD_OPT_ABORT."""
+    greeting = b""
+    while len(greeting) < 18:
+        chunk = sock.recv(18 - len(greeting))
+        if not chunk:
+            return False
+        greeting += chunk
+    if greeting[:16] != b"NBDMAGICIHAVEOPT":
+        return False
+    sock.sendall(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE) + b"IHAVEOPT" + struct.pack(">II", NBD_OPT_ABORT, 0))
+    return True
