@@ -100,9 +100,9 @@ def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127
     try:
         with _forwarded_signals(child) as stopping:
             if _wait_ready(child, socket_path, bind, port):
-                size = Path(image).stat().st_size - hdr.payload_offset
+                size = hdr.payload_size(Path(image).stat().st_size)
                 log(f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, "
-                    f"{size // hdr.sector_size * hdr.sector_size} bytes) at {uri}", flush=True)
+                    f"{size} bytes) at {uri}", flush=True)
             status = _supervise(child, stopping)
     finally:
         if child.poll() is None:

@@ -27,6 +27,7 @@ from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.kdf import hash_factory, pbkdf2, pbkdf2_iterations
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import BadPassphraseError, FormatError, InputError, UnsupportedError
+from nbdcrypt.plugin.volume import Volume
 
 MAGIC = b"LUKS\xba\xbe"
 VERSION = 1
@@ -236,6 +237,15 @@ class Luks1Header:
         It gets its own copy of the key: the engine keys new threads' contexts from it
         later, so the caller's buffer must stay free to wipe."""
         return SectorCipher(self.cipher_spec, bytes(master_key), sector_size=SECTOR_SIZE)
+
+    def open_volume(self, store, master_key):
+        """The plaintext block device: the payload from ``payload_offset`` to the end of ``store``."""
+        return Volume(store, self.payload_cipher(master_key), self.payload_offset,
+                      self.payload_size(store.size()))
+
+    def payload_size(self, data_size):
+        """Plaintext bytes in a data file of ``data_size`` bytes: whole sectors after the header."""
+        return max(0, (data_size - self.payload_offset) // SECTOR_SIZE * SECTOR_SIZE)
 
     def _digest_matches(self, key):
         digest = pbkdf2(self.hash_name, key, self.mk_digest_salt, self.mk_digest_iterations, DIGEST_SIZE)

@@ -11,7 +11,6 @@ import os
 from ..errors import InputError
 from ..formats import open_header
 from .store import FileStore
-from .volume import Volume
 
 PARAMETERS = {
     "image": "the encrypted image file (required)",
@@ -49,12 +48,9 @@ class Export:
             header = open_header(f, header_path)
             key = self._master_key(header, f)
         try:
-            cipher = header.payload_cipher(key)
+            self.volume = header.open_volume(store, key)
         finally:
             _wipe(key)
-        payload = store.size() - header.payload_offset
-        size = max(0, payload // header.sector_size * header.sector_size)
-        self.volume = Volume(store, cipher, header.payload_offset, size)
         return self.volume
 
     def _master_key(self, header, f):
