@@ -21,6 +21,7 @@ from pathlib import Path
 from .. import plugin
 from ..errors import InputError, NbdcryptError, ReadOnlyError
 from ..formats import open_header
+from ..plugin.queueing import Settings
 
 PLUGIN_SCRIPT = Path(plugin.__file__).parent / "nbdkit_plugin.py"
 READY_TIMEOUT = 30.0
@@ -57,7 +58,7 @@ def default_socket(image):
     return directory / f"{Path(image).name}.sock"
 
 
-def nbdkit_command(image, header, key_fd, listener, readonly):
+def nbdkit_command(image, header, key_fd, listener, readonly, params):
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise NbdcryptError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
@@ -69,6 +70,7 @@ def nbdkit_command(image, header, key_fd, listener, readonly):
         cmd.append(f"header={header}")
     if readonly:
         cmd.append("readonly=true")
+    cmd += [f"{name}={value}" for name, value in params.items()]
     return cmd
 
 
@@ -81,8 +83,15 @@ def plugin_environment():
 
 
 def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127.0.0.1", readonly=False,
-          log=print):
-    """Serve ``image`` until SIGTERM/SIGINT; return nbdkit's exit status."""
+          settings=None, control=None, log=print):
+    """Serve ``image`` until SIGTERM/SIGINT; return nbdkit's exit status.
+
+    ``settings`` are queueing-layer settings (name -> value, checked here so a typo is
+    a usage error, not a dead nbdkit); ``control`` is the control socket's path."""
+    params = {name: str(value) for name, value in (settings or {}).items()}
+    Settings().updated(params)
+    if control:
+        params["control"] = os.path.abspath(control)
     image = os.path.abspath(image)
     header = os.path.abspath(header) if header else None
     hdr, key = unlock(image, header, passphrase)
@@ -96,7 +105,7 @@ def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127
     else:
         listener, uri = ["--port", str(port), "--ipaddr", bind], f"nbd://{bind}:{port}/"
 
-    child = _spawn_nbdkit(image, header, key, listener, readonly)
+    child = _spawn_nbdkit(image, header, key, listener, readonly, params)
     try:
         with _forwarded_signals(child) as stopping:
             if _wait_ready(child, socket_path, bind, port):
@@ -115,7 +124,7 @@ def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127
     return status
 
 
-def _spawn_nbdkit(image, header, key, listener, readonly):
+def _spawn_nbdkit(image, header, key, listener, readonly, params):
     """Start nbdkit with the master key in a pipe it inherits; wipe our copy."""
     read_end, write_end = os.pipe()
     try:
@@ -123,7 +132,7 @@ def _spawn_nbdkit(image, header, key, listener, readonly):
     finally:
         os.close(write_end)
         key[:] = bytes(len(key))
-    cmd = nbdkit_command(image, header, read_end, listener, readonly)
+    cmd = nbdkit_command(image, header, read_end, listener, readonly, params)
     old_umask = os.umask(0o077)  # the socket is for its owner only
     try:
         return subprocess.Popen(cmd, pass_fds=(read_end,), env=plugin_environment())

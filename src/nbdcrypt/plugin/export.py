@@ -7,9 +7,12 @@ also accepts ``key-file=PATH`` holding the passphrase.
 """
 
 import os
+from dataclasses import fields
 
 from ..errors import InputError
 from ..formats import open_header
+from .control_server import ControlServer
+from .queueing import Settings
 from .store import FileStore
 
 PARAMETERS = {
@@ -18,6 +21,8 @@ PARAMETERS = {
     "master-key-fd": "file descriptor to read the master key from (the daemon's handover)",
     "key-file": "file holding the passphrase (when run without the daemon)",
     "readonly": "true to open the image read-only",
+    "control": "Unix socket for runtime control and statistics (nbdcrypt ctl)",
+    **{f.name: "queueing layer setting (see nbdcrypt.plugin.queueing)" for f in fields(Settings)},
 }
 
 
@@ -27,6 +32,7 @@ class Export:
     def __init__(self):
         self.params = {}
         self.volume = None
+        self.control = None
 
     def config(self, key, value):
         if key not in PARAMETERS:
@@ -51,7 +57,20 @@ class Export:
             self.volume = header.open_volume(store, key)
         finally:
             _wipe(key)
+        settings = {f.name: self.params[f.name] for f in fields(Settings) if f.name in self.params}
+        self.volume.path.configure(settings)
+        if "control" in self.params:
+            details = header.info()
+            info = {"image": self.params["image"], "size": self.volume.size,
+                    "format": details["format"], "cipher": details["cipher"]}
+            self.control = ControlServer(self.params["control"], self.volume, lambda: info)
         return self.volume
+
+    def close(self):
+        if self.control is not None:
+            self.control.close()
+        if self.volume is not None:
+            self.volume.path.close()
 
     def _master_key(self, header, f):
         if "key-file" in self.params:

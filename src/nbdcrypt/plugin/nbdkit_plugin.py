@@ -50,6 +50,10 @@ def get_ready():
     _export.open_volume()
 
 
+def cleanup():
+    _export.close()
+
+
 def open(readonly):
     return _export.volume
 

@@ -12,6 +12,8 @@ sees a sector half-written and two partial writes never undo each other.
 import threading
 from contextlib import contextmanager
 
+from .queueing import CryptPath
+
 # Write-zeroes is done by encrypting zeros (ciphertext of zeros is not zeros), in
 # chunks of this many bytes so a huge request does not allocate a huge buffer.
 ZERO_CHUNK = 4 << 20
@@ -46,12 +48,12 @@ class Volume:
     """Sector-encrypted payload of ``size`` bytes at ``payload_offset`` in ``store``.
 
     ``cipher`` is a :class:`nbdcrypt.crypto.engine.SectorCipher`; sector numbers
-    passed to it count from the start of the payload, as LUKS defines them.
+    passed to it count from the start of the payload, as LUKS defines them.  The
+    queueing layer (``self.path``) decides which threads do the crypto and I/O.
     """
 
     def __init__(self, store, cipher, payload_offset, size):
-        self.store = store
-        self.cipher = cipher
+        self.path = CryptPath(cipher, store)
         self.sector_size = cipher.sector_size
         self.payload_offset = payload_offset
         self.size = size
@@ -61,43 +63,47 @@ class Volume:
     def read(self, buf, offset):
         """Decrypt ``len(buf)`` bytes at ``offset`` into the writable buffer ``buf``."""
         start, end = self._widen(offset, len(buf))
-        with self._lock(start, end, exclusive=False):
+        with self.path.request("read", len(buf)) as request, self._lock(start, end, exclusive=False):
             if (start, end) == (offset, offset + len(buf)):
-                self._read_sectors(buf, start)
+                self._read_sectors(request, buf, start)
             else:
                 plain = bytearray(end - start)
-                self._read_sectors(plain, start)
+                self._read_sectors(request, plain, start)
                 memoryview(buf)[:] = memoryview(plain)[offset - start:offset - start + len(buf)]
 
     def write(self, data, offset, fua=False):
         """Encrypt and store ``data`` at ``offset``."""
+        with self.path.request("write", len(data)) as request:
+            self._write(request, data, offset, fua)
+
+    def zero(self, count, offset, fua=False):
+        """Write zeros: one request, done in bounded chunks."""
+        zeros = memoryview(bytes(min(count, ZERO_CHUNK)))
+        end = offset + count
+        with self.path.request("write", count) as request:
+            while offset < end:
+                n = min(len(zeros), end - offset)
+                self._write(request, zeros[:n], offset, fua)
+                offset += n
+
+    def flush(self):
+        self.path.flush()
+
+    def _write(self, request, data, offset, fua):
         start, end = self._widen(offset, len(data))
         with self._lock(start, end, exclusive=True):
             plain = bytearray(end - start)
             ss = self.sector_size
             if offset != start:
-                self._read_sectors(memoryview(plain)[:ss], start)
+                self._read_sectors(request, memoryview(plain)[:ss], start)
             if offset + len(data) != end and end - ss >= offset:
-                self._read_sectors(memoryview(plain)[-ss:], end - ss)
+                self._read_sectors(request, memoryview(plain)[-ss:], end - ss)
             plain[offset - start:offset - start + len(data)] = data
-            self.cipher.encrypt(plain, start // ss)
-            self.store.write(plain, self.payload_offset + start, fua)
-
-    def zero(self, count, offset, fua=False):
-        zeros = bytes(min(count, ZERO_CHUNK))
-        end = offset + count
-        while offset < end:
-            n = min(len(zeros), end - offset)
-            self.write(memoryview(zeros)[:n], offset, fua)
-            offset += n
-
-    def flush(self):
-        self.store.flush()
+            self.path.write(request, plain, self.payload_offset + start, start // ss, fua)
 
     def _widen(self, offset, length):
         ss = self.sector_size
         return offset // ss * ss, -(-(offset + length) // ss) * ss
 
-    def _read_sectors(self, buf, start):
-        self.store.read_into(buf, self.payload_offset + start)
-        self.cipher.decrypt(buf, start // self.sector_size)
+    def _read_sectors(self, request, buf, start):
+        self.path.read(request, buf, self.payload_offset + start, start // self.sector_size)

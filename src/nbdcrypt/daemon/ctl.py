@@ -1,0 +1,88 @@
+"""``nbdcrypt ctl SOCKET ...``: talk to a running export's control endpoint."""
+
+import json
+import socket
+
+from ..control import MAX_LINE, ControlError, decode_reply, encode_request
+from ..errors import InputError
+
+# The dm-crypt performance flags, as cryptsetup's --perf-* options name them.
+PERF_FLAGS = ("no_read_workqueue", "no_write_workqueue", "same_cpu_crypt", "submit_from_crypt_cpus")
+
+
+def add_parser(commands):
+    ctl = commands.add_parser(
+        "ctl", help="query or change a running export (statistics, queueing flags, throttles)",
+        description="Talk to the control socket of `nbdcrypt serve --control PATH`.")
+    ctl.add_argument("socket", metavar="SOCKET", help="the export's control socket")
+    actions = ctl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("status", help="settings and export details")
+    stats = actions.add_parser("stats", help="ops, bytes, errors, queue depth and latency percentiles")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.add_argument("--reset", action="store_true", help="zero the statistics after reading them")
+    change = actions.add_parser("set", help="change settings: NAME=VALUE ...",
+                                description="Settings: " + ", ".join(PERF_FLAGS) +
+                                            " (on/off), workers, throttle_bps, throttle_ops (0 = off).")
+    change.add_argument("pairs", nargs="+", metavar="NAME=VALUE")
+    refresh = actions.add_parser(
+        "refresh", help="set the four performance flags at once, as cryptsetup refresh does",
+        description="Flags given are turned on, the others off (cryptsetup refresh semantics).")
+    for flag in PERF_FLAGS:
+        refresh.add_argument(f"--perf-{flag}", action="store_true", dest=flag)
+    ctl.set_defaults(run=run)
+
+
+def run(args):
+    if args.action == "stats":
+        result = request(args.socket, "stats")
+        if args.reset:
+            request(args.socket, "reset-stats")
+        print(json.dumps(result, indent=2) if args.json else format_stats(result))
+        return 0
+    if args.action == "set":
+        result = request(args.socket, "set", parse_pairs(args.pairs))
+    elif args.action == "refresh":
+        result = request(args.socket, "set", {flag: getattr(args, flag) for flag in PERF_FLAGS})
+    else:
+        result = request(args.socket, "status")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def parse_pairs(pairs):
+    changes = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InputError(f"expected NAME=VALUE, not {pair!r}")
+        changes[name] = value
+    return changes
+
+
+def request(path, command, args=None):
+    """One request/reply exchange with the control socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(path)
+            sock.sendall(encode_request(command, args))
+            with sock.makefile("rb") as reader:
+                line = reader.readline(MAX_LINE + 1)
+    except OSError as e:
+        raise ControlError(f"{path}: cannot reach the control socket: {e.strerror or e}") from None
+    if not line:
+        raise ControlError(f"{path}: the export closed the connection")
+    return decode_reply(line)
+
+
+def format_stats(stats):
+    lines = []
+    for direction in ("read", "write"):
+        d = stats[direction]
+        lines.append(f"{direction}: {d['ops']} ops, {d['bytes']} bytes, {d['errors']} errors, "
+                     f"in flight {d['in_flight']} (peak {d['peak_in_flight']})")
+        for mode, phases in d.get("latency_us", {}).items():
+            for phase, h in phases.items():
+                lines.append(f"  {mode:6} {phase:8} n={h['count']:<8} p50={h['p50']}us "
+                             f"p99={h['p99']}us p99.9={h['p99.9']}us max={h['max']}us")
+    return "\n".join(lines)

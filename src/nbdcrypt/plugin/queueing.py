@@ -1,0 +1,242 @@
+"""The queueing layer: where a request's crypto and I/O run, as dm-crypt decides it.
+
+dm-crypt hands a bio's crypto to the kcryptd workqueue and its writes to one
+dmcrypt_write thread that sorts them by sector; Cloudflare found those hops doubled
+latency and added ``no_read_workqueue`` / ``no_write_workqueue`` (Linux 5.9).  The
+same four flags, with the same names and defaults (all off), choose the path here::
+
+    read,  no_read_workqueue:   request thread: pread -> decrypt
+    read,  queued:              request thread: pread; worker: decrypt
+    write, no_write_workqueue:  request thread: encrypt -> pwrite
+    write, queued:              worker: encrypt; writer thread: sort by offset -> pwrite
+    write, queued + submit_from_crypt_cpus:   worker: encrypt -> pwrite
+    same_cpu_crypt:             the worker pinned to the submitting CPU, not any free one
+
+The request thread always waits for its request to finish before nbdkit replies,
+so an acknowledged write is in the file.  Every request reads the settings once
+when it starts: a switch takes effect for the next request while in-flight ones
+finish on the path they started on (the pools keep running), so nothing drains
+or drops.  Workers are threads: the engine spends large requests inside OpenSSL
+and numpy with the GIL released (docs/queueing.md has the measurements).
+"""
+
+import ctypes
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
+
+from ..errors import InputError
+from .stats import Stats, Timing
+from .throttle import Throttle
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def current_cpu():
+    return _libc.sched_getcpu()
+
+
+class Request(NamedTuple):
+    settings: "Settings"  # as they were when the request started
+    timing: "Timing"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that can change at runtime; names as cryptsetup spells the flags."""
+
+    no_read_workqueue: bool = False
+    no_write_workqueue: bool = False
+    same_cpu_crypt: bool = False
+    submit_from_crypt_cpus: bool = False
+    throttle_bps: int = 0  # bytes per second over both directions; 0 = unlimited
+    throttle_ops: int = 0  # requests per second; 0 = unlimited
+    workers: int = os.cpu_count() or 1  # threads of the shared crypt pool
+
+    def mode(self, direction):
+        inline = self.no_read_workqueue if direction == "read" else self.no_write_workqueue
+        return "inline" if inline else "queued"
+
+    def updated(self, changes):
+        """A copy with ``changes`` (name -> str or value) applied; InputError on bad ones."""
+        types = {f.name: f.type for f in fields(self)}
+        parsed = {}
+        for name, value in changes.items():
+            if name not in types:
+                raise InputError(f"unknown setting {name}; known: {', '.join(types)}")
+            parsed[name] = _parse(name, value, types[name])
+        return replace(self, **parsed)
+
+
+def _parse(name, value, kind):
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if kind is bool:
+            if text in ("1", "true", "on", "yes"):
+                return True
+            if text in ("0", "false", "off", "no"):
+                return False
+            raise InputError(f"{name} takes on/off, not {value!r}")
+        try:
+            value = int(text)
+        except ValueError:
+            raise InputError(f"{name} takes a whole number, not {value!r}") from None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InputError(f"{name} takes a whole number >= 0, not {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise InputError(f"{name} takes on/off, not {value!r}")
+    return value
+
+
+class CryptPath:
+    """Reads and writes sectors of a store through a cipher on the configured path.
+
+    ``cipher`` has ``encrypt(buf, sector)`` / ``decrypt(buf, sector)``; ``store``
+    has ``read_into``, ``write`` and ``flush``.  Thread-safe.
+    """
+
+    def __init__(self, cipher, store, settings=Settings()):
+        self.cipher = cipher
+        self.store = store
+        self.stats = Stats()
+        self._settings = settings
+        self._throttle = Throttle(settings.throttle_bps, settings.throttle_ops)
+        self._pool = _pool(settings.workers)
+        self._cpu_pools = {}
+        self._writer = SortedWriter(store)
+        self._lock = threading.Lock()
+
+    @property
+    def settings(self):
+        return self._settings
+
+    def configure(self, changes):
+        """Apply changes (name -> value) for the next request; returns the new settings.
+        A resized pool replaces the old one, which finishes the jobs it holds."""
+        with self._lock:
+            new = self._settings.updated(changes)
+            if new.workers < 1:
+                raise InputError("workers must be at least 1")
+            if new.workers != self._settings.workers:
+                self._pool.shutdown(wait=False)
+                self._pool = _pool(new.workers)
+            self._throttle.set_rates(new.throttle_bps, new.throttle_ops)
+            self._settings = new
+            return new
+
+    @contextmanager
+    def request(self, direction, nbytes):
+        """One NBD request: counted, throttled, timed; yields what read/write take."""
+        settings = self._settings
+        with self.stats.request(direction, settings.mode(direction), nbytes) as timing:
+            timing.add("throttle", self._throttle.wait(nbytes))
+            yield Request(settings, timing)
+
+    def read(self, request, buf, offset, sector):
+        """Fill ``buf`` with the plaintext of the sectors stored at ``offset``."""
+        settings, timing = request
+        timing.time("io", self.store.read_into, buf, offset)
+        decrypt = (timing.time, "crypto", self.cipher.decrypt, buf, sector)
+        self._run(settings.no_read_workqueue, settings, timing, *decrypt)
+
+    def write(self, request, buf, offset, sector, fua=False):
+        """Encrypt ``buf`` (a scratch buffer, changed in place) and store it at ``offset``."""
+        settings, timing = request
+
+        def encrypt_and_write(write):
+            timing.time("crypto", self.cipher.encrypt, buf, sector)
+            timing.time("io", write, buf, offset, fua)
+
+        if settings.no_write_workqueue or settings.submit_from_crypt_cpus:
+            self._run(settings.no_write_workqueue, settings, timing, encrypt_and_write, self.store.write)
+        else:
+            self._run(False, settings, timing, timing.time, "crypto", self.cipher.encrypt, buf, sector)
+            timing.time("io", self._writer.write, buf, offset, fua)
+
+    def flush(self):
+        # Every acknowledged write has already reached the store (requests wait).
+        self.store.flush()
+
+    def close(self):
+        self._writer.close()
+        for pool in [self._pool, *self._cpu_pools.values()]:
+            pool.shutdown(wait=True)
+
+    def _run(self, inline, settings, timing, work, *args):
+        """Run ``work(*args)`` here, or on a crypt worker and wait for it."""
+        if inline:
+            return work(*args)
+        submitted = time.perf_counter()
+
+        def job():
+            timing.add("queue", time.perf_counter() - submitted)
+            return work(*args)
+
+        with self._lock:  # not while configure() swaps the pool
+            future = self._pool_for(settings).submit(job)
+        return future.result()
+
+    def _pool_for(self, settings):
+        """The shared pool, or the submitting CPU's own pinned worker (lock held)."""
+        if not settings.same_cpu_crypt:
+            return self._pool
+        cpu = current_cpu()
+        if cpu not in self._cpu_pools:
+            self._cpu_pools[cpu] = ThreadPoolExecutor(
+                1, thread_name_prefix=f"kcryptd/{cpu}", initializer=_pin_to_cpu, initargs=(cpu,))
+        return self._cpu_pools[cpu]
+
+
+def _pool(workers):
+    return ThreadPoolExecutor(workers, thread_name_prefix="kcryptd")
+
+
+def _pin_to_cpu(cpu):
+    os.sched_setaffinity(0, {cpu})  # 0 = the calling thread on Linux
+
+
+class SortedWriter:
+    """dm-crypt's dmcrypt_write: one thread that issues pending writes in offset order."""
+
+    def __init__(self, store):
+        self._store = store
+        self._pending = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = None
+
+    def write(self, buf, offset, fua=False):
+        """Queue a write and wait until the writer thread has issued it."""
+        done = Future()
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dmcrypt_write", daemon=True)
+                self._thread.start()
+            self._pending.append((offset, buf, fua, done))
+            self._cond.notify()
+        done.result()
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                batch, self._pending = sorted(self._pending, key=lambda w: w[0]), []
+                if not batch and self._closed:
+                    return
+            for offset, buf, fua, done in batch:
+                try:
+                    self._store.write(buf, offset, fua)
+                    done.set_result(None)
+                except Exception as e:  # handed to the waiting request thread
+                    done.set_exception(e)
