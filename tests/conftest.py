@@ -47,6 +47,12 @@ def qemu_luks_create(image, key_file, size="16M", **opts):
     return Path(image)
 
 
+def qemu_write(image, key_file, raw):
+    """Encrypt the raw file into ``image`` with QEMU's LUKS driver."""
+    run(["qemu-img", "convert", "-n", "-f", "raw", str(raw), "--target-image-opts",
+         f"driver=luks,key-secret=s0,file.filename={image}", "--object", f"secret,id=s0,file={key_file}"])
+
+
 def qemu_luks_opts(image, key_file):
     """qemu-img/qemu-io arguments that open ``image`` through QEMU's own LUKS driver."""
     return ["--object", f"secret,id=s0,file={key_file}", "--image-opts",
@@ -60,8 +66,32 @@ def random_file(path, size, seed=0):
 
 
 @contextmanager
-def serving(image, key_file, *extra, socket_path=None, timeout=60):
-    """Run ``nbdcrypt serve`` in the background; yield its NBD URI; stop it with SIGTERM."""
+def nbd_backing(image, *plugin, socket_path=None):
+    """A second nbdkit exporting the encrypted image as it is (default: the file
+    plugin), so nbdcrypt reads and writes it over NBD; yields that URI."""
+    require("nbdkit")
+    socket_path = socket_path or Path(image).with_suffix(".backing.sock")
+    plugin = plugin or ("file", str(image))
+    with subprocess.Popen(["nbdkit", "--foreground", "--unix", str(socket_path), *plugin]) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while not socket_path.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "backing nbdkit did not start"
+                time.sleep(0.02)
+            yield f"nbd+unix:///?socket={socket_path}"
+        finally:
+            proc.terminate()
+
+
+@contextmanager
+def serving(image, key_file, *extra, socket_path=None, timeout=60, backend="file"):
+    """Run ``nbdcrypt serve`` in the background; yield its NBD URI; stop it with SIGTERM.
+    With ``backend="nbd"`` the image is reached through a second nbdkit."""
+    if backend == "nbd":
+        with nbd_backing(image) as uri, serving(uri, key_file, *extra, timeout=timeout,
+                                                socket_path=socket_path or Path(image).with_suffix(".sock")) as url:
+            yield url
+        return
     require("nbdkit")
     socket_path = socket_path or Path(image).with_suffix(".sock")
     cmd = nbdcrypt_cmd() + ["serve", str(image), "--key-file", str(key_file), "--socket", str(socket_path), *extra]

@@ -8,6 +8,7 @@ is fsynced before serve reports a clean stop.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,9 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import plugin
-from ..errors import InputError, NbdcryptError, ReadOnlyError
+from ..errors import InputError, NbdcryptError
 from ..formats import open_header
+from ..plugin.export import header_file
 from ..plugin.queueing import Settings
+from ..plugin.store import is_uri, open_store
 
 PLUGIN_SCRIPT = Path(plugin.__file__).parent / "nbdkit_plugin.py"
 READY_TIMEOUT = 30.0
@@ -30,24 +33,16 @@ NBD_FLAG_C_FIXED_NEWSTYLE = 1
 NBD_OPT_ABORT = 2
 
 
-def unlock(image, header_path, passphrase):
-    """Open the header and return ``(header, master_key)``; all errors are InputErrors."""
-    header_path = header_path or image
+def unlock(image, header_path, passphrase, readonly):
+    """Check the image opens as it will be served (exists, writable unless ``readonly``)
+    and return ``(header, master_key, payload_size)``."""
+    store = open_store(image, readonly)
     try:
-        with open(header_path, "rb") as f:
-            header = open_header(f, header_path)
-            return header, bytearray(header.unlock(passphrase, f))
-    except FileNotFoundError:
-        raise InputError(f"{header_path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{header_path}: is a directory") from None
-
-
-def check_writable(image):
-    try:
-        os.close(os.open(image, os.O_RDWR | os.O_CLOEXEC))
-    except OSError:
-        raise ReadOnlyError(f"{image}: image is read-only; pass --readonly to serve it") from None
+        with header_file(image, header_path, store) as f:
+            header = open_header(f, header_path or image)
+            return header, bytearray(header.unlock(passphrase, f)), header.payload_size(store.size())
+    finally:
+        store.close()
 
 
 def default_socket(image):
@@ -55,7 +50,8 @@ def default_socket(image):
     base = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
     directory = Path(base, "nbdcrypt") if base else Path("/run/nbdcrypt" if os.geteuid() == 0 else f"/tmp/nbdcrypt-{os.getuid()}")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return directory / f"{Path(image).name}.sock"
+    name = re.sub(r"[^\w.-]", "_", Path(image).name)  # a URI's last part may hold anything
+    return directory / f"{name}.sock"
 
 
 def nbdkit_command(image, header, key_fd, listener, readonly, params):
@@ -92,11 +88,9 @@ def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127
     Settings().updated(params)
     if control:
         params["control"] = os.path.abspath(control)
-    image = os.path.abspath(image)
+    image = image if is_uri(image) else os.path.abspath(image)
     header = os.path.abspath(header) if header else None
-    hdr, key = unlock(image, header, passphrase)
-    if not readonly:
-        check_writable(image)
+    hdr, key, size = unlock(image, header, passphrase, readonly)
     if port is None:
         socket_path = Path(os.path.abspath(socket_path)) if socket_path else default_socket(image)
         if socket_path.exists():
@@ -109,7 +103,6 @@ def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127
     try:
         with _forwarded_signals(child) as stopping:
             if _wait_ready(child, socket_path, bind, port):
-                size = hdr.payload_size(Path(image).stat().st_size)
                 log(f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, "
                     f"{size} bytes) at {uri}", flush=True)
             status = _supervise(child, stopping)
@@ -119,7 +112,7 @@ def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127
             child.wait()
         if socket_path is not None:
             Path(socket_path).unlink(missing_ok=True)
-    if not readonly:
+    if not readonly and not is_uri(image):
         _sync(image)
     return status
 

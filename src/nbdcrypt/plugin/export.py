@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..formats import open_header
 from .control_server import ControlServer
 from .queueing import Settings
-from .store import FileStore
+from .store import StoreFile, is_uri, open_store
 
 PARAMETERS = {
     "image": "the encrypted image file (required)",
@@ -48,10 +48,9 @@ class Export:
     def open_volume(self):
         """Open store and header, obtain the master key and build the volume."""
         readonly = self.params.get("readonly", "false").lower() in ("true", "1", "yes", "on")
-        store = FileStore(self.params["image"], readonly=readonly)
-        header_path = self.params.get("header", self.params["image"])
-        with open(header_path, "rb") as f:
-            header = open_header(f, header_path)
+        store = open_store(self.params["image"], readonly=readonly)
+        with header_file(self.params["image"], self.params.get("header"), store) as f:
+            header = open_header(f, self.params.get("header", self.params["image"]))
             key = self._master_key(header, f)
         try:
             self.volume = header.open_volume(store, key)
@@ -79,6 +78,23 @@ class Export:
         key = bytearray(read_all(int(self.params["master-key-fd"])))
         header.check_master_key(bytes(key))
         return key
+
+
+def header_file(image, header, store):
+    """The file to read the LUKS header from: the detached header, the image file,
+    or (for an image behind NBD) the store itself."""
+    if header:
+        return _open(header)
+    return StoreFile(store) if is_uri(image) else _open(image)
+
+
+def _open(path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
 
 
 def read_all(fd):
