@@ -95,11 +95,23 @@ def test_range_lock_excludes_overlapping_writers_only():
 
 
 def test_readonly_store_refuses_writes(tmp_path):
-    volume = make_volume(tmp_path / "img")
-    ro = make_volume(tmp_path / "img", readonly=True)
-    assert ro.readonly and not volume.readonly
-    with pytest.raises(ReadOnlyError):
-        ro.write(b"x", 0)
+    with make_volume(tmp_path / "img") as volume:
+        assert not volume.readonly
+    with make_volume(tmp_path / "img", readonly=True) as ro:
+        assert ro.readonly
+        with pytest.raises(ReadOnlyError):
+            ro.write(b"x", 0)
+
+
+def test_one_writer_at_a_time(tmp_path):
+    """QEMU-style image locks: a second writer, or a reader beside a writer, is refused."""
+    with make_volume(tmp_path / "img"):
+        for readonly in (False, True):
+            with pytest.raises(InputError, match="image is in use"):
+                make_volume(tmp_path / "img", readonly=readonly)
+    with make_volume(tmp_path / "img", readonly=True), make_volume(tmp_path / "img", readonly=True):
+        with pytest.raises(InputError, match="image is in use"):
+            make_volume(tmp_path / "img")
 
 
 def test_missing_image_is_an_input_error(tmp_path):

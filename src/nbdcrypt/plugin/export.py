@@ -69,7 +69,7 @@ class Export:
         if self.control is not None:
             self.control.close()
         if self.volume is not None:
-            self.volume.path.close()
+            self.volume.close()
 
     def _master_key(self, header, f):
         if "key-file" in self.params:

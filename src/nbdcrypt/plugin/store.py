@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 
 from ..errors import InputError, ReadOnlyError, StoreError
+from .locking import lock_image
 
 NBD_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
 
@@ -46,6 +47,11 @@ class FileStore:
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not readonly:
                 raise ReadOnlyError(f"{self.path}: image is read-only; pass --readonly to serve it") from None
             raise InputError(f"{self.path}: {e.strerror}") from None
+        try:
+            lock_image(self._fd, self.path, readonly)
+        except InputError:
+            self.close()
+            raise
 
     def size(self):
         # lseek works for regular files and block devices alike.

@@ -89,6 +89,17 @@ class Volume:
     def flush(self):
         self.path.flush()
 
+    def close(self):
+        """Stop the workers and release the store (and its image lock)."""
+        self.path.close()
+        self.path.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _write(self, request, data, offset, fua):
         start, end = self._widen(offset, len(data))
         with self._lock(start, end, exclusive=True):
