@@ -84,9 +84,10 @@ def nbd_backing(image, *plugin, socket_path=None):
 
 
 @contextmanager
-def serving(image, key_file, *extra, socket_path=None, timeout=60, backend="file"):
-    """Run ``nbdcrypt serve`` in the background; yield its NBD URI; stop it with SIGTERM.
-    With ``backend="nbd"`` the image is reached through a second nbdkit."""
+def serving(image, key_file, *extra, socket_path=None, timeout=60, backend="file", killed=False):
+    """Run ``nbdcrypt serve`` in the background; yield its NBD URI; stop it with SIGTERM
+    and check it exits 0 (unless the test ``killed`` it).  With ``backend="nbd"`` the
+    image is reached through a second nbdkit."""
     if backend == "nbd":
         with nbd_backing(image) as uri, serving(uri, key_file, *extra, timeout=timeout,
                                                 socket_path=socket_path or Path(image).with_suffix(".sock")) as url:
@@ -109,7 +110,7 @@ def serving(image, key_file, *extra, socket_path=None, timeout=60, backend="file
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise
-    assert proc.returncode == 0, f"nbdcrypt serve exited {proc.returncode}: {stderr.decode()}"
+    assert killed or proc.returncode == 0, f"nbdcrypt serve exited {proc.returncode}: {stderr.decode()}"
 
 
 def _await_line(proc, marker, timeout):
