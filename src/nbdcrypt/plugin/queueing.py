@@ -95,8 +95,10 @@ def _parse(name, value, kind):
 class CryptPath:
     """Reads and writes sectors of a store through a cipher on the configured path.
 
-    ``cipher`` has ``encrypt(buf, sector)`` / ``decrypt(buf, sector)``; ``store``
-    has ``read_into``, ``write`` and ``flush``.  Thread-safe.
+    ``cipher`` has ``encrypt(buf, sector)`` / ``decrypt(buf, sector)`` (None: the
+    data is stored in the clear, as in a qcow2 backing file); ``store`` has
+    ``read_into``, ``write`` and ``flush``.  :meth:`read` and :meth:`write` run inside
+    :meth:`request`, which the volume opens once per NBD request.  Thread-safe.
     """
 
     def __init__(self, cipher, store, settings=Settings()):
@@ -109,6 +111,7 @@ class CryptPath:
         self._cpu_pools = {}
         self._writer = SortedWriter(store)
         self._lock = threading.Lock()
+        self._current = threading.local()  # the request this thread is serving
 
     @property
     def settings(self):
@@ -130,22 +133,34 @@ class CryptPath:
 
     @contextmanager
     def request(self, direction, nbytes):
-        """One NBD request: counted, throttled, timed; yields what read/write take."""
+        """One NBD request: counted, throttled and timed, on the settings of its start.
+        A request opened inside another (a volume calling itself) is part of it."""
+        if getattr(self._current, "request", None) is not None:
+            yield
+            return
         settings = self._settings
         with self.stats.request(direction, settings.mode(direction), nbytes) as timing:
             timing.add("throttle", self._throttle.wait(nbytes))
-            yield Request(settings, timing)
+            self._current.request = Request(settings, timing)
+            try:
+                yield
+            finally:
+                self._current.request = None
 
-    def read(self, request, buf, offset, sector):
+    def read(self, buf, offset, sector):
         """Fill ``buf`` with the plaintext of the sectors stored at ``offset``."""
-        settings, timing = request
+        settings, timing = self._current.request
         timing.time("io", self.store.read_into, buf, offset)
-        decrypt = (timing.time, "crypto", self.cipher.decrypt, buf, sector)
-        self._run(settings.no_read_workqueue, settings, timing, *decrypt)
+        if self.cipher is not None:
+            decrypt = (timing.time, "crypto", self.cipher.decrypt, buf, sector)
+            self._run(settings.no_read_workqueue, settings, timing, *decrypt)
 
-    def write(self, request, buf, offset, sector, fua=False):
+    def write(self, buf, offset, sector, fua=False):
         """Encrypt ``buf`` (a scratch buffer, changed in place) and store it at ``offset``."""
-        settings, timing = request
+        settings, timing = self._current.request
+        if self.cipher is None:
+            timing.time("io", self.store.write, buf, offset, fua)
+            return
 
         def encrypt_and_write(write):
             timing.time("crypto", self.cipher.encrypt, buf, sector)

@@ -63,27 +63,39 @@ class Volume:
     def read(self, buf, offset):
         """Decrypt ``len(buf)`` bytes at ``offset`` into the writable buffer ``buf``."""
         start, end = self._widen(offset, len(buf))
-        with self.path.request("read", len(buf)) as request, self._lock(start, end, exclusive=False):
+        with self.path.request("read", len(buf)), self._lock(start, end, exclusive=False):
             if (start, end) == (offset, offset + len(buf)):
-                self._read_sectors(request, buf, start)
+                self._read_sectors(buf, start)
             else:
                 plain = bytearray(end - start)
-                self._read_sectors(request, plain, start)
+                self._read_sectors(plain, start)
                 memoryview(buf)[:] = memoryview(plain)[offset - start:offset - start + len(buf)]
 
     def write(self, data, offset, fua=False):
         """Encrypt and store ``data`` at ``offset``."""
-        with self.path.request("write", len(data)) as request:
-            self._write(request, data, offset, fua)
+        start, end = self._widen(offset, len(data))
+        with self.path.request("write", len(data)), self._lock(start, end, exclusive=True):
+            if (start, end) == (offset, offset + len(data)):
+                plain = bytearray(data)  # the cipher works in place: one copy, no zero-fill
+                self.path.write(plain, self.payload_offset + start, start // self.sector_size, fua)
+                return
+            plain = bytearray(end - start)
+            ss = self.sector_size
+            if offset != start:
+                self._read_sectors(memoryview(plain)[:ss], start)
+            if offset + len(data) != end and end - ss >= offset:
+                self._read_sectors(memoryview(plain)[-ss:], end - ss)
+            plain[offset - start:offset - start + len(data)] = data
+            self.path.write(plain, self.payload_offset + start, start // ss, fua)
 
     def zero(self, count, offset, fua=False):
         """Write zeros: one request, done in bounded chunks."""
         zeros = memoryview(bytes(min(count, ZERO_CHUNK)))
         end = offset + count
-        with self.path.request("write", count) as request:
+        with self.path.request("write", count):
             while offset < end:
                 n = min(len(zeros), end - offset)
-                self._write(request, zeros[:n], offset, fua)
+                self.write(zeros[:n], offset, fua)
                 offset += n
 
     def flush(self):
@@ -100,21 +112,9 @@ class Volume:
     def __exit__(self, *exc):
         self.close()
 
-    def _write(self, request, data, offset, fua):
-        start, end = self._widen(offset, len(data))
-        with self._lock(start, end, exclusive=True):
-            plain = bytearray(end - start)
-            ss = self.sector_size
-            if offset != start:
-                self._read_sectors(request, memoryview(plain)[:ss], start)
-            if offset + len(data) != end and end - ss >= offset:
-                self._read_sectors(request, memoryview(plain)[-ss:], end - ss)
-            plain[offset - start:offset - start + len(data)] = data
-            self.path.write(request, plain, self.payload_offset + start, start // ss, fua)
-
     def _widen(self, offset, length):
         ss = self.sector_size
         return offset // ss * ss, -(-(offset + length) // ss) * ss
 
-    def _read_sectors(self, request, buf, start):
-        self.path.read(request, buf, self.payload_offset + start, start // self.sector_size)
+    def _read_sectors(self, buf, start):
+        self.path.read(buf, self.payload_offset + start, start // self.sector_size)
