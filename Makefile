@@ -10,14 +10,19 @@ SYSTEM_PYTHON := /usr/bin/python3
 APT_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin nbdfuse fio qemu-utils \
 	cryptsetup-bin fuse3 e2fsprogs python3-venv python3-pip python3-botan
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: run test deps venv clean
+.PHONY: run test bench deps venv clean
 
 run: deps venv
 	@scripts/demo "$(STATE)"
 
 test: deps venv
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# nbdcrypt against its peers, one run: docs/benchmarks.md
+bench: deps venv
+	$(PYTHON) -m bench.run $(BENCH_ARGS)
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \
