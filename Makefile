@@ -7,7 +7,7 @@ PYTHON := $(VENV)/bin/python
 STATE ?= $(CURDIR)/.state
 # nbdkit's Python plugin embeds Debian's interpreter: the venv must be built from it.
 SYSTEM_PYTHON := /usr/bin/python3
-APT_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin nbdfuse fio qemu-utils \
+APT_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin fio qemu-utils \
 	cryptsetup-bin fuse3 e2fsprogs python3-venv python3-pip python3-botan
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
