@@ -56,8 +56,8 @@ def test_wrong_passphrase(image, tmp_path):
 def test_not_a_luks_file(tmp_path, key_file):
     junk = tmp_path / "junk"
     junk.write_bytes(os.urandom(1 << 20))
-    expect_failure(serve_args(junk, key_file), "not a LUKS image", [junk])
-    expect_failure(["info", junk], "not a LUKS image", [junk])
+    expect_failure(serve_args(junk, key_file), "not a LUKS or qcow2 image", [junk])
+    expect_failure(["info", junk], "not a LUKS or qcow2 image", [junk])
 
 
 def test_truncated_header(image, key_file):

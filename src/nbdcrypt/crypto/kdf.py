@@ -1,17 +1,22 @@
-"""Key derivation for LUKS: PBKDF2 and cryptsetup's iteration benchmark.
+"""Key derivation for LUKS: PBKDF2, Argon2 and cryptsetup's benchmarks.
 
 LUKS1 names one hash for everything (PBKDF2, the anti-forensic splitter, the
 master-key digest); :func:`hash_factory` turns that name into a constructor and is
-the one place that decides which hashes nbdcrypt supports.  LUKS2's argon2i/argon2id
-(argon2-cffi) will sit next to :func:`pbkdf2` here.
+the one place that decides which hashes nbdcrypt supports.  :class:`Kdf` is one
+keyslot's passphrase hashing (LUKS1: always PBKDF2; LUKS2: pbkdf2, argon2i or
+argon2id, the latter two through argon2-cffi's reference implementation).
 """
 
 import functools
 import hashlib
 import math
+import os
 import time
+from dataclasses import dataclass
 
-from nbdcrypt.errors import UnsupportedError
+from argon2.low_level import Type, hash_secret_raw
+
+from nbdcrypt.errors import FormatError, InputError, UnsupportedError
 
 # LUKS hash-spec name -> hashlib name.  cryptsetup also knows whirlpool, stribog and
 # others that OpenSSL 3 does not ship by default; those stay unsupported.
@@ -77,3 +82,104 @@ def pbkdf2_iterations(hash_name, iter_time_ms, length, minimum=1000):
     """
     blocks = math.ceil(length / digest_size(hash_name))
     return max(minimum, int(_blocks_per_second(hash_name) / blocks * iter_time_ms / 1000))
+
+
+# -- Argon2 ----------------------------------------------------------------------------
+
+ARGON2_TYPES = {"argon2i": Type.I, "argon2id": Type.ID}
+KDF_TYPES = ("pbkdf2", *ARGON2_TYPES)
+# cryptsetup's limits (lib/utils_pbkdf.c): no header it writes goes past them, and
+# they bound what a hostile header can make us spend.
+MAX_ARGON2_MEMORY_KB = 4 * 1024 * 1024
+MAX_ARGON2_CPUS = 4
+MIN_ARGON2_TIME = 4
+MAX_ARGON2_TIME = 1 << 20
+MAX_PBKDF2_ITERATIONS = 1 << 30
+
+
+@dataclass(frozen=True)
+class Kdf:
+    """One keyslot's passphrase hashing.  ``time`` is PBKDF2's iteration count or
+    Argon2's time cost; ``memory`` (KiB) and ``cpus`` are Argon2's only."""
+
+    type: str
+    salt: bytes
+    time: int
+    hash: str | None = None
+    memory: int = 0
+    cpus: int = 0
+
+    def check(self, where):
+        """FormatError/UnsupportedError unless every parameter is in cryptsetup's range."""
+        if self.type == "pbkdf2":
+            try:
+                hash_factory(self.hash)
+            except UnsupportedError as e:
+                raise UnsupportedError(f"{where}: {e}") from None
+            _check_range(self.time, 1, MAX_PBKDF2_ITERATIONS, f"{where} PBKDF2 iterations")
+        elif self.type in ARGON2_TYPES:
+            _check_range(self.time, 1, MAX_ARGON2_TIME, f"{where} Argon2 time cost")
+            _check_range(self.cpus, 1, MAX_ARGON2_CPUS, f"{where} Argon2 threads")
+            _check_range(self.memory, 8 * self.cpus, MAX_ARGON2_MEMORY_KB, f"{where} Argon2 memory (KiB)")
+        else:
+            raise UnsupportedError(f"{where}: unsupported key derivation {self.type}")
+
+    def derive(self, passphrase, length):
+        """``length`` bytes derived from ``passphrase``, as a bytearray to wipe."""
+        if self.type == "pbkdf2":
+            return bytearray(pbkdf2(self.hash, passphrase, self.salt, self.time, length))
+        return bytearray(hash_secret_raw(bytes(passphrase), self.salt, self.time, self.memory,
+                                         self.cpus, length, ARGON2_TYPES[self.type]))
+
+
+def _check_range(value, low, high, what):
+    if not (isinstance(value, int) and low <= value <= high):
+        raise FormatError(f"{what} is {value}, expected {low} to {high}")
+
+
+def default_argon2_memory():
+    """cryptsetup's default: 1 GiB, but never more than half the physical memory."""
+    physical_kb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
+    return min(1024 * 1024, physical_kb // 2)
+
+
+def argon2_params(iter_time_ms, memory_kb, cpus):
+    """Argon2 ``(time, memory)`` that take about ``iter_time_ms``, as cryptsetup picks
+    them: memory first, then time (at least 4); if 4 passes are already too slow,
+    less memory."""
+    start = time.monotonic()
+    hash_secret_raw(b"benchmark", bytes(16), 1, memory_kb, cpus, 32, Type.ID)
+    pass_ms = max((time.monotonic() - start) * 1000, 0.001)
+    passes = int(iter_time_ms / pass_ms)
+    if passes >= MIN_ARGON2_TIME:
+        return min(passes, MAX_ARGON2_TIME), memory_kb
+    return MIN_ARGON2_TIME, max(8 * cpus, int(memory_kb * passes / MIN_ARGON2_TIME))
+
+
+def new_kdf(kind, iter_time_ms, key_bytes, hash_name="sha256", memory_kb=None, cpus=None,
+            iterations=None, salt_size=32):
+    """A fresh keyslot Kdf with a random salt, costed like cryptsetup's luksFormat;
+    ``iterations`` skips the benchmark (cryptsetup's --pbkdf-force-iterations)."""
+    if iter_time_ms <= 0:
+        raise InputError(f"iteration time must be positive, not {iter_time_ms} ms")
+    if iterations is not None and iterations <= 0:
+        raise InputError(f"PBKDF iterations must be positive, not {iterations}")
+    salt = os.urandom(salt_size)
+    if kind == "pbkdf2":
+        time_cost = iterations or pbkdf2_iterations(hash_name, iter_time_ms, key_bytes)
+        kdf = Kdf("pbkdf2", salt, time_cost, hash_name)
+    elif kind in ARGON2_TYPES:
+        cpus = cpus or min(MAX_ARGON2_CPUS, os.cpu_count() or 1)
+        memory_kb = memory_kb or default_argon2_memory()
+        if iterations:
+            time_cost = iterations
+        else:
+            time_cost, memory_kb = argon2_params(iter_time_ms, memory_kb, cpus)
+        kdf = Kdf(kind, salt, time_cost, None, memory_kb, cpus)
+    else:
+        raise InputError(f"unknown PBKDF {kind}; choose one of {', '.join(KDF_TYPES)}")
+    try:
+        kdf.check("new keyslot")
+    except FormatError as e:
+        raise InputError(str(e)) from None
+    return kdf

@@ -1,24 +1,31 @@
 """On-disk formats: recognise an image and open its header.
 
 :func:`probe` names a format from its first bytes; :func:`open_header` hands the file
-to that format's reader.  A new format (LUKS2, qcow2) adds a probe rule and an entry
-in ``_READERS``.
+to that format's reader.  A new format adds a probe rule and an entry in
+``_READERS``.  A header may live in its own file (``--header``): headers are read
+from the header file and open their volume on the data file's store.
 """
 
 from nbdcrypt.errors import FormatError, UnsupportedError
-from nbdcrypt.formats import luks1
+from nbdcrypt.formats import luks1, qcow2
+from nbdcrypt.formats.luks2 import Luks2Header, binary
 
-_READERS = {"luks1": luks1.Luks1Header.read}
+_READERS = {"luks1": luks1.Luks1Header.read, "luks2": Luks2Header.read, "qcow2": qcow2.Qcow2Header.read}
 _LUKS_VERSIONS = {1: "luks1", 2: "luks2"}
 
 
 def probe(f):
-    """``"luks1"``, ``"luks2"`` or None, from the magic and version at the start of ``f``."""
-    f.seek(0)
-    head = f.read(len(luks1.MAGIC) + 2)
-    if len(head) < len(luks1.MAGIC) + 2 or not head.startswith(luks1.MAGIC):
-        return None
-    return _LUKS_VERSIONS.get(int.from_bytes(head[len(luks1.MAGIC):], "big"))
+    """``"luks1"``, ``"luks2"``, ``"qcow2"`` or None, from the magic and version at the
+    start of ``f``, or, when the start is damaged, a LUKS2 secondary header where
+    cryptsetup puts one."""
+    if qcow2.probe(f):
+        return "qcow2"
+    for offset, magic in ((0, luks1.MAGIC), *((o, binary.MAGIC_SECONDARY) for o in binary.HDR_SIZES)):
+        f.seek(offset)
+        head = f.read(len(magic) + 2)
+        if len(head) == len(magic) + 2 and head.startswith(magic):
+            return _LUKS_VERSIONS.get(int.from_bytes(head[len(magic):], "big"))
+    return None
 
 
 def open_header(f, name="image"):
@@ -28,4 +35,4 @@ def open_header(f, name="image"):
         return _READERS[fmt](f, name)
     if fmt is not None:
         raise UnsupportedError(f"{name}: {fmt.upper()} is not supported yet")
-    raise FormatError(f"{name}: not a LUKS image")
+    raise FormatError(f"{name}: not a LUKS or qcow2 image")

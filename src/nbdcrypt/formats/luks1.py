@@ -11,30 +11,26 @@ Three layers, as in cryptsetup:
   ``cryptsetup luksFormat --type luks1`` does.
 """
 
-import contextlib
 import hmac
 import math
 import os
 import struct
-import tempfile
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from nbdcrypt.crypto import af
 from nbdcrypt.crypto.engine import SectorCipher
-from nbdcrypt.crypto.kdf import hash_factory, pbkdf2, pbkdf2_iterations
+from nbdcrypt.crypto.kdf import Kdf, hash_factory, new_kdf, pbkdf2, pbkdf2_iterations
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import BadPassphraseError, FormatError, InputError, UnsupportedError
-from nbdcrypt.plugin.volume import Volume
+from nbdcrypt.formats.luks_common import (STRIPES, Payload, Sealing, check_format_args, create_file, file_id,
+                                          pick_slot, try_keyslots, wipe)
 
 MAGIC = b"LUKS\xba\xbe"
 VERSION = 1
 SECTOR_SIZE = 512
 HEADER_SIZE = 592
 NUM_KEYSLOTS = 8
-STRIPES = 4000
 DIGEST_SIZE = 20
 SALT_SIZE = 32
 KEY_ENABLED = 0x00AC71F3
@@ -67,8 +63,12 @@ class Keyslot:
 
 
 @dataclass(frozen=True)
-class Luks1Header:
-    """A parsed, checked LUKS1 header.  ``name`` names the image in messages only."""
+class Luks1Header(Payload):
+    """A parsed, checked LUKS1 header.  ``name`` names the image in messages only.
+
+    A payload offset of 0 means a detached header (``cryptsetup --header``): the
+    file read holds only the header and keyslots, the payload is a separate file.
+    """
 
     cipher_spec: CipherSpec
     hash_name: str
@@ -80,8 +80,11 @@ class Luks1Header:
     uuid: str
     keyslots: tuple[Keyslot, ...]
     name: str = field(default="image", compare=False)
+    file_id: tuple | None = field(default=None, compare=False)
 
     sector_size: ClassVar[int] = SECTOR_SIZE
+    fixed_payload_size: ClassVar[None] = None
+    warnings: ClassVar[tuple] = ()
 
     @property
     def payload_offset(self):
@@ -99,10 +102,10 @@ class Luks1Header:
         """Read and check the header of an open binary file (which the caller closes)."""
         f.seek(0)
         buf = f.read(HEADER_SIZE)
-        return cls.parse(buf, f.seek(0, os.SEEK_END), name)
+        return cls.parse(buf, f.seek(0, os.SEEK_END), name, file_id(f))
 
     @classmethod
-    def parse(cls, buf, file_size, name="image"):
+    def parse(cls, buf, file_size, name="image", fid=None):
         """Decode ``buf`` (the first bytes of a file of ``file_size`` bytes) and check it."""
         if buf[: len(MAGIC)] != MAGIC:
             raise FormatError(f"{name}: not a LUKS image")
@@ -110,8 +113,6 @@ class Luks1Header:
             raise FormatError(f"{name}: truncated LUKS header ({len(buf)} of {HEADER_SIZE} bytes)")
         (_, version, cipher_name, cipher_mode, hash_spec, payload_sector, key_bytes,
          mk_digest, mk_digest_salt, mk_digest_iterations, uuid_field) = _FIXED.unpack_from(buf)
-        if version == 2:
-            raise UnsupportedError(f"{name}: LUKS2 is not supported yet")
         if version != VERSION:
             raise FormatError(f"{name}: unknown LUKS version {version}")
         cipher_name, cipher_mode, hash_name, uuid_text = (
@@ -132,13 +133,15 @@ class Luks1Header:
                 raise FormatError(f"{name}: keyslot {i} has an invalid state {active:#010x}")
             keyslots.append(Keyslot(active == KEY_ENABLED, iterations, salt, offset, stripes))
         header = cls(spec, hash_name, payload_sector, key_bytes, mk_digest, mk_digest_salt,
-                     mk_digest_iterations, uuid_text, tuple(keyslots), name)
+                     mk_digest_iterations, uuid_text, tuple(keyslots), name, fid)
         header.check(file_size)
         return header
 
     def check(self, file_size):
-        """Sanity-check every field against itself and the file size, like cryptsetup's
-        LUKS_check_keyslots and nbdkit's luks filter; FormatError/UnsupportedError."""
+        """Sanity-check every field against itself and the size of the header's file,
+        like cryptsetup's LUKS_check_keyslots and nbdkit's luks filter.  A detached
+        header (payload offset 0) is checked against its data file when the volume
+        opens.  FormatError/UnsupportedError."""
         name = self.name
         if len(self.keyslots) != NUM_KEYSLOTS:
             raise FormatError(f"{name}: {len(self.keyslots)} keyslots, expected {NUM_KEYSLOTS}")
@@ -152,11 +155,7 @@ class Luks1Header:
             raise FormatError(
                 f"{name}: key size of {self.key_bytes} bytes does not fit {self.cipher_spec}") from None
         _check_iterations(self.mk_digest_iterations, "master key digest", name)
-        if self.payload_sector == 0:
-            raise UnsupportedError(f"{name}: detached LUKS headers are not supported yet")
-        if self.payload_offset > file_size:
-            raise FormatError(f"{name}: payload offset {self.payload_offset} is past the end of "
-                              f"the file ({file_size} bytes)")
+        self.payload_size(file_size)  # attached: the payload is in this file
         # Every keyslot area, enabled or not, lies between the header and the payload,
         # inside the file, and apart from the others (areas sorted by offset).
         previous_end, previous = 0, None
@@ -171,7 +170,10 @@ class Luks1Header:
                 raise FormatError(f"{where} material at sector {slot.offset} overlaps the header")
             if slot.offset < previous_end:
                 raise FormatError(f"{where} material at sector {slot.offset} overlaps keyslot {previous}")
-            if end > self.payload_sector:
+            if end * SECTOR_SIZE > file_size:
+                raise FormatError(f"{where} material (sectors {slot.offset}-{end - 1}) is past the end "
+                                  f"of the file ({file_size} bytes)")
+            if self.payload_sector and end > self.payload_sector:
                 raise FormatError(f"{where} material (sectors {slot.offset}-{end - 1}) overlaps "
                                   f"the payload at sector {self.payload_sector}")
             previous_end, previous = end, i
@@ -216,13 +218,15 @@ class Luks1Header:
     def unlock(self, passphrase, f):
         """The master key (a bytearray the caller should wipe) from the first enabled
         keyslot the passphrase opens; BadPassphraseError if none does."""
-        for slot in self.keyslots:
-            if slot.active:
-                key = self._open_keyslot(slot, passphrase, f)
-                if self._digest_matches(key):
-                    return key
-                _wipe(key)
-        raise BadPassphraseError(f"{self.name}: no key available with this passphrase")
+        return self.unlock_slot(passphrase, f)[1]
+
+    def unlock_slot(self, passphrase, f, slot=None):
+        """``(slot number, master key)``, trying only ``slot`` if given."""
+        candidates = self.active_keyslots() if slot is None else [slot]
+        if slot is not None and slot not in self.active_keyslots():
+            raise InputError(f"{self.name}: keyslot {slot} is not in use")
+        return try_keyslots(candidates, lambda i: self._open_keyslot(i, passphrase, f),
+                            self._digest_matches, self.name)
 
     def check_master_key(self, key):
         """Raise unless ``key`` is this image's master key (e.g. one given by the user)."""
@@ -238,49 +242,69 @@ class Luks1Header:
         later, so the caller's buffer must stay free to wipe."""
         return SectorCipher(self.cipher_spec, bytes(master_key), sector_size=SECTOR_SIZE)
 
-    def open_volume(self, store, master_key):
-        """The plaintext block device: the payload from ``payload_offset`` to the end of ``store``."""
-        return Volume(store, self.payload_cipher(master_key), self.payload_offset,
-                      self.payload_size(store.size()))
-
-    def payload_size(self, data_size):
-        """Plaintext bytes in a data file of ``data_size`` bytes: whole sectors after the header."""
-        return max(0, (data_size - self.payload_offset) // SECTOR_SIZE * SECTOR_SIZE)
-
     def _digest_matches(self, key):
         digest = pbkdf2(self.hash_name, key, self.mk_digest_salt, self.mk_digest_iterations, DIGEST_SIZE)
         return hmac.compare_digest(digest, self.mk_digest)
 
-    @contextlib.contextmanager
-    def _keyslot_cipher(self, slot, passphrase):
-        """Keyslot material is encrypted with the payload's cipher under a key derived
-        from the passphrase; its IV sector numbers start at 0."""
-        derived = bytearray(pbkdf2(self.hash_name, passphrase, slot.salt, slot.iterations, self.key_bytes))
-        try:
-            yield SectorCipher(self.cipher_spec, derived, sector_size=SECTOR_SIZE)
-        finally:
-            _wipe(derived)
+    def _sealing(self, slot):
+        """Keyslot material is encrypted with the payload's cipher, all under one hash."""
+        return Sealing(Kdf("pbkdf2", slot.salt, slot.iterations, self.hash_name), self.cipher_spec,
+                       self.key_bytes, self.hash_name, slot.stripes)
 
-    def _open_keyslot(self, slot, passphrase, f):
-        size = self.keyslot_sectors * SECTOR_SIZE
+    def _open_keyslot(self, i, passphrase, f):
+        slot = self.keyslots[i]
         f.seek(slot.offset * SECTOR_SIZE)
-        material = bytearray(f.read(size))
-        if len(material) != size:
-            raise FormatError(f"{self.name}: keyslot material at sector {slot.offset} is truncated")
+        material = bytearray(f.read(self.keyslot_sectors * SECTOR_SIZE))
         try:
-            with self._keyslot_cipher(slot, passphrase) as cipher:
-                cipher.decrypt(material, 0)
-            return af.merge(material, self.key_bytes, slot.stripes, self.hash_name)
+            return self._sealing(slot).open(material, passphrase, self.key_bytes)
         finally:
-            _wipe(material)
+            wipe(material)
 
-    def _seal_keyslot(self, slot, passphrase, master_key):
-        """The encrypted keyslot material to write at ``slot.offset``."""
-        material = af.split(master_key, slot.stripes, self.hash_name)
-        material += bytes(self.keyslot_sectors * SECTOR_SIZE - len(material))
-        with self._keyslot_cipher(slot, passphrase) as cipher:
-            cipher.encrypt(material, 0)
-        return material
+    # -- keyslot changes -----------------------------------------------------------
+
+    def active_keyslots(self):
+        return [i for i, slot in enumerate(self.keyslots) if slot.active]
+
+    def free_keyslots(self):
+        return {i for i, slot in enumerate(self.keyslots) if not slot.active}
+
+    def slot_for_change(self, slot_id):
+        """LUKS1 areas are fixed: a changed passphrase moves to a free slot, so the old
+        one stays intact until the single header write that swaps them."""
+        return pick_slot(self.free_keyslots(), None)
+
+    def new_kdf(self, pbkdf=None, iter_time_ms=2000, **options):
+        if pbkdf not in (None, "pbkdf2"):
+            raise InputError(f"{self.name}: LUKS1 keyslots use pbkdf2, not {pbkdf}")
+        return new_kdf("pbkdf2", iter_time_ms, self.key_bytes, self.hash_name,
+                       iterations=options.get("iterations"))
+
+    def with_keyslot(self, slot_id, passphrase, master_key, kdf, replacing=None):
+        """``(new header, writes)``: material into the free slot's area, then the header
+        (enabling it and disabling ``replacing`` at once), then the old area wiped."""
+        slot = Keyslot(True, kdf.time, kdf.salt, self.keyslots[slot_id].offset)
+        material = self._sealing(slot).seal(master_key, passphrase, self.keyslot_sectors * SECTOR_SIZE)
+        slots = list(self.keyslots)
+        slots[slot_id] = slot
+        new = self._with_slots(slots, replacing)
+        return new, [(slot.offset * SECTOR_SIZE, material), *new._after_header(replacing)]
+
+    def without_keyslot(self, slot_id):
+        new = self._with_slots(list(self.keyslots), slot_id)
+        return new, new._after_header(slot_id)
+
+    def _with_slots(self, slots, disabled):
+        if disabled is not None:  # cryptsetup clears a disabled slot's salt and count
+            slots[disabled] = Keyslot(False, 0, bytes(SALT_SIZE), slots[disabled].offset)
+        return replace(self, keyslots=tuple(slots))
+
+    def _after_header(self, wiped):
+        """The header write, then random bytes over the area of the slot ``wiped``."""
+        writes = [(0, self.pack())]
+        if wiped is not None:
+            writes.append((self.keyslots[wiped].offset * SECTOR_SIZE,
+                           os.urandom(self.keyslot_sectors * SECTOR_SIZE)))
+        return writes
 
 
 def _decode(raw, label, name):
@@ -301,10 +325,6 @@ def _encode(text, size=32):
 def _check_iterations(count, what, name):
     if not 0 < count <= MAX_ITERATIONS:
         raise FormatError(f"{name}: {what} has {count} PBKDF2 iterations, expected 1 to {MAX_ITERATIONS}")
-
-
-def _wipe(buf):
-    buf[:] = bytes(len(buf))
 
 
 # -- creating images -----------------------------------------------------------------
@@ -330,66 +350,37 @@ def _round_up(n, multiple):
 
 
 def format_luks1(path, payload_size, passphrase, cipher="aes-xts-plain64", key_bits=256,
-                 hash_name="sha256", iter_time_ms=2000):
+                 hash_name="sha256", iter_time_ms=2000, iterations=None, detached=False):
     """Create a new LUKS1 image at ``path`` with ``payload_size`` bytes of (sparse) payload
-    and keyslot 0 opened by ``passphrase``; returns its header.
+    and keyslot 0 opened by ``passphrase``; returns its header.  ``detached``: ``path``
+    is a header file only, for a payload at offset 0 of a separate data file.
 
-    Arguments are checked before anything is created.  The image is built in a
-    temporary file beside ``path`` and linked into place, so an error or a crash never
-    leaves a half-written image, and an existing file is never overwritten.
+    Arguments are checked before anything is created, and the file appears whole or
+    not at all (:func:`~nbdcrypt.formats.luks_common.create_file`).
     """
-    path = Path(path)
-    spec = CipherSpec.parse(cipher)
-    if key_bits <= 0 or key_bits % 8:
-        raise InputError(f"key size must be a positive multiple of 8 bits, not {key_bits}")
-    key_bytes = key_bits // 8
-    spec.check_key_size(key_bytes)
-    hash_factory(hash_name)
-    if payload_size < 0 or payload_size % SECTOR_SIZE:
-        raise InputError(
-            f"payload size must be a non-negative multiple of {SECTOR_SIZE} bytes, not {payload_size}")
+    spec, key_bytes = check_format_args(path, cipher, key_bits, hash_name, payload_size, SECTOR_SIZE)
     if iter_time_ms <= 0:
         raise InputError(f"iteration time must be positive, not {iter_time_ms} ms")
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: no such directory {path.parent}")
-    if path.exists():
-        raise InputError(f"{path}: already exists")
 
     offsets, payload_sector = layout(key_bytes)
+    file_size = payload_sector * SECTOR_SIZE + (0 if detached else payload_size)
     master_key = bytearray(os.urandom(key_bytes))
     try:
         # Like cryptsetup, the digest's iteration count comes from the benchmark at the
         # key length, scaled to its fixed time budget.
         mk_salt = os.urandom(SALT_SIZE)
         mk_iterations = pbkdf2_iterations(hash_name, MK_DIGEST_MS, key_bytes, MIN_ITERATIONS)
-        slot0 = Keyslot(True, pbkdf2_iterations(hash_name, iter_time_ms, key_bytes, MIN_ITERATIONS),
-                        os.urandom(SALT_SIZE), offsets[0])
-        header = Luks1Header(
-            spec, hash_name, payload_sector, key_bytes,
+        empty = Luks1Header(
+            spec, hash_name, 0 if detached else payload_sector, key_bytes,
             pbkdf2(hash_name, master_key, mk_salt, mk_iterations, DIGEST_SIZE), mk_salt, mk_iterations,
-            str(uuid.uuid4()), (slot0, *(Keyslot(False, 0, bytes(SALT_SIZE), o) for o in offsets[1:])),
-            str(path))
-        header.check(header.payload_offset + payload_size)
-        sealed = header._seal_keyslot(slot0, passphrase, master_key)
+            str(uuid.uuid4()), tuple(Keyslot(False, 0, bytes(SALT_SIZE), o) for o in offsets), str(path))
+        empty.check(file_size)
+        kdf = new_kdf("pbkdf2", iter_time_ms, key_bytes, hash_name, iterations=iterations)
+        header, writes = empty.with_keyslot(0, passphrase, master_key, kdf)
     finally:
-        _wipe(master_key)
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "r+b") as f:
-            f.truncate(header.payload_offset + payload_size)
-            f.write(header.pack())
-            # cryptsetup fills every keyslot area with random bytes, so unused ones
-            # cannot be told apart from used ones.
-            for slot in header.keyslots:
-                f.seek(slot.offset * SECTOR_SIZE)
-                f.write(sealed if slot.active else os.urandom(len(sealed)))
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise InputError(f"{path}: already exists") from None
-    finally:
-        os.unlink(tmp)
+        wipe(master_key)
+    # cryptsetup fills every keyslot area with random bytes, so unused ones cannot be
+    # told apart from used ones.
+    noise = [(o * SECTOR_SIZE, os.urandom(header.keyslot_sectors * SECTOR_SIZE)) for o in offsets[1:]]
+    create_file(path, file_size, noise + writes)
     return header

@@ -1,0 +1,41 @@
+"""LUKS2 digests: how a candidate master key is recognised (type pbkdf2 only)."""
+
+import hmac
+from dataclasses import dataclass
+
+from nbdcrypt.crypto.kdf import Kdf
+from nbdcrypt.errors import UnsupportedError
+from nbdcrypt.formats.luks2 import fields
+
+
+@dataclass(frozen=True)
+class Digest:
+    id: int
+    keyslots: tuple[int, ...]
+    segments: tuple[int, ...]
+    kdf: Kdf
+    digest: bytes
+
+    def matches(self, key):
+        candidate = self.kdf.derive(key, len(self.digest))
+        try:
+            return hmac.compare_digest(candidate, self.digest)
+        finally:
+            candidate[:] = bytes(len(candidate))
+
+    def to_json(self):
+        return {"type": "pbkdf2", "keyslots": [str(k) for k in self.keyslots],
+                "segments": [str(s) for s in self.segments], "hash": self.kdf.hash,
+                "iterations": self.kdf.time, "salt": fields.encode_b64(self.kdf.salt),
+                "digest": fields.encode_b64(self.digest)}
+
+
+def parse(digest_id, data, where):
+    kind = fields.text(data, "type", where)
+    if kind != "pbkdf2":
+        raise UnsupportedError(f"{where} has unsupported type {kind!r}")
+    kdf = Kdf("pbkdf2", fields.b64(data, "salt", where), fields.integer(data, "iterations", where),
+              fields.text(data, "hash", where))
+    kdf.check(where)
+    return Digest(digest_id, tuple(fields.ids(data, "keyslots", where)),
+                  tuple(fields.ids(data, "segments", where)), kdf, fields.b64(data, "digest", where))

@@ -1,0 +1,71 @@
+"""Typed access to LUKS2 JSON values, each failure a FormatError naming the field.
+
+LUKS2 writes 64-bit numbers as decimal strings and binary values as base64.
+"""
+
+import base64
+import binascii
+import re
+
+from nbdcrypt.errors import FormatError
+
+MAX_U64 = (1 << 63) - 1  # offsets and sizes must also fit a signed file offset
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+
+
+def obj(parent, key, where):
+    return typed(parent, key, dict, "an object", where)
+
+
+def text(parent, key, where):
+    return typed(parent, key, str, "a string", where)
+
+
+def integer(parent, key, where, low=0, high=MAX_U64):
+    value = parent.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise FormatError(f"{where}: {key} must be an integer from {low} to {high}")
+    return value
+
+
+def u64(parent, key, where):
+    """A LUKS2 "string-encoded uint64"."""
+    value = parent.get(key)
+    if not (isinstance(value, str) and _DECIMAL.fullmatch(value) and int(value) <= MAX_U64):
+        raise FormatError(f"{where}: {key} must be a decimal number in a string")
+    return int(value)
+
+
+def b64(parent, key, where, max_len=512):
+    try:
+        value = base64.b64decode(text(parent, key, where), validate=True)
+    except binascii.Error:
+        raise FormatError(f"{where}: {key} is not base64") from None
+    if not value or len(value) > max_len:
+        raise FormatError(f"{where}: {key} has {len(value)} bytes")
+    return value
+
+
+def encode_b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+def ids(parent, key, where):
+    """A list of object ids ("0".."31") as ints."""
+    value = parent.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.isdigit() for v in value):
+        raise FormatError(f"{where}: {key} must be a list of ids")
+    return [object_id(v, where) for v in value]
+
+
+def object_id(key, where, limit=32):
+    if not (key.isdigit() and int(key) < limit and str(int(key)) == key):
+        raise FormatError(f"{where}: invalid id {key!r}")
+    return int(key)
+
+
+def typed(parent, key, kind, description, where):
+    value = parent.get(key)
+    if not isinstance(value, kind):
+        raise FormatError(f"{where}: {key} must be {description}")
+    return value

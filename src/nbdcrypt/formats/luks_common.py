@@ -1,0 +1,226 @@
+"""What LUKS1 and LUKS2 share: sealed keyslot material and crash-safe writes.
+
+A keyslot stores the master key anti-forensically split (:mod:`nbdcrypt.crypto.af`)
+and encrypted, as 512-byte sectors numbered from 0, with a key derived from the
+passphrase (:class:`nbdcrypt.crypto.kdf.Kdf`).  Header updates go through
+:func:`commit`: each write reaches the disk before the next starts, in an order
+the format chooses so that a crash between any two leaves a header that opens
+with the old or the new passphrase.
+"""
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbdcrypt.crypto import af
+from nbdcrypt.crypto.engine import SectorCipher
+from nbdcrypt.crypto.kdf import Kdf, hash_factory
+from nbdcrypt.crypto.spec import CipherSpec
+from nbdcrypt.errors import BadPassphraseError, FormatError, InputError
+from nbdcrypt.plugin.volume import Volume
+
+STRIPES = 4000
+SECTOR = 512
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """How one keyslot's material is made: KDF, area cipher and AF parameters."""
+
+    kdf: Kdf
+    spec: CipherSpec
+    key_bytes: int  # the area cipher's key, derived from the passphrase
+    af_hash: str
+    stripes: int = STRIPES
+
+    def material_size(self, master_key_bytes):
+        """Bytes of sealed material: the AF stripes rounded up to whole sectors."""
+        return -(-master_key_bytes * self.stripes // SECTOR) * SECTOR
+
+    def open(self, material, passphrase, master_key_bytes):
+        """The candidate master key (a bytearray to wipe) from sealed ``material``."""
+        size = self.material_size(master_key_bytes)
+        if len(material) < size:
+            raise FormatError(f"keyslot material is truncated ({len(material)} of {size} bytes)")
+        plain = bytearray(material[:size])
+        try:
+            self._cipher(passphrase, plain, encrypt=False)
+            return af.merge(plain, master_key_bytes, self.stripes, self.af_hash)
+        finally:
+            wipe(plain)
+
+    def seal(self, master_key, passphrase, area_size):
+        """``area_size`` bytes to write to the keyslot's area."""
+        material = af.split(master_key, self.stripes, self.af_hash)
+        material += bytes(self.material_size(len(master_key)) - len(material))
+        self._cipher(passphrase, material, encrypt=True)
+        return bytes(material) + os.urandom(area_size - len(material))
+
+    def _cipher(self, passphrase, buf, encrypt):
+        derived = self.kdf.derive(passphrase, self.key_bytes)
+        try:
+            cipher = SectorCipher(self.spec, derived, sector_size=SECTOR)
+            (cipher.encrypt if encrypt else cipher.decrypt)(buf, 0)
+        finally:
+            wipe(derived)
+
+
+def commit(f, writes):
+    """Write each ``(offset, data)`` in order, each durable before the next starts."""
+    for offset, data in writes:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_format_args(path, cipher, key_bits, hash_name, payload_size, sector_size):
+    """Check the arguments LUKS1 and LUKS2 formats share; ``(spec, key_bytes)``."""
+    spec = CipherSpec.parse(cipher)
+    if key_bits <= 0 or key_bits % 8:
+        raise InputError(f"key size must be a positive multiple of 8 bits, not {key_bits}")
+    spec.check_key_size(key_bits // 8)
+    hash_factory(hash_name)
+    if payload_size < 0 or payload_size % sector_size:
+        raise InputError(f"payload size must be a non-negative multiple of {sector_size} bytes, "
+                         f"not {payload_size}")
+    if Path(path).exists():
+        raise InputError(f"{path}: already exists")
+    return spec, key_bits // 8
+
+
+def create_file(path, size, writes):
+    """Create ``path`` as a sparse file of ``size`` bytes holding ``writes``, all or
+    nothing: it is built beside ``path`` and linked into place, so a crash or an
+    error never leaves a half-written file and an existing file is never replaced."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: no such directory {path.parent}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "r+b") as f:
+            f.truncate(size)
+            commit(f, writes)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise InputError(f"{path}: already exists") from None
+    finally:
+        os.unlink(tmp)
+
+
+def pick_slot(free, slot):
+    """``slot`` if it is free, else the lowest free one; InputError when none is."""
+    if slot is not None:
+        if slot not in free:
+            raise InputError(f"keyslot {slot} is not free")
+        return slot
+    if not free:
+        raise InputError("no free keyslot")
+    return min(free)
+
+
+def wipe(buf):
+    buf[:] = bytes(len(buf))
+
+
+def try_keyslots(candidates, open_slot, matches, name):
+    """``(slot, master_key)`` for the first candidate slot whose opened key ``matches``."""
+    for slot in candidates:
+        key = open_slot(slot)
+        if matches(key):
+            return slot, key
+        wipe(key)
+    raise BadPassphraseError(f"{name}: no key available with this passphrase")
+
+
+class Payload:
+    """The plaintext volume of a LUKS header, shared by LUKS1 and LUKS2.  Subclasses
+    give ``payload_offset``, ``fixed_payload_size`` (None: to the end of the data
+    file), ``sector_size``, ``file_id`` (of the file the header was read from),
+    ``name`` and ``payload_cipher(key)``."""
+
+    def open_volume(self, store, master_key):
+        """The plaintext block device on the data file ``store``."""
+        if self.payload_offset == 0 and self.file_id is not None and self.file_id == _file_id(store.path):
+            raise FormatError(f"{self.name}: data offset 0 means a detached header, "
+                              f"but this header is in the data file; give the data file and --header")
+        return Volume(store, self.payload_cipher(master_key), self.payload_offset,
+                      self.payload_size(store.size()))
+
+    def payload_size(self, data_size):
+        """Plaintext bytes in a data file of ``data_size`` bytes (whole sectors)."""
+        if self.payload_offset > data_size:
+            raise FormatError(f"{self.name}: payload offset {self.payload_offset} is past the end "
+                              f"of the file ({data_size} bytes)")
+        end = data_size
+        if self.fixed_payload_size is not None:
+            end = self.payload_offset + self.fixed_payload_size
+            if end > data_size:
+                raise FormatError(f"{self.name}: payload ends at {end}, past the end of the data "
+                                  f"file ({data_size} bytes)")
+        return (end - self.payload_offset) // self.sector_size * self.sector_size
+
+
+def file_id(f):
+    """Identity of an open file (None for in-memory files), to tell the header file
+    from the data file."""
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _file_id(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+# -- passphrase changes, the same for LUKS1 and LUKS2 ---------------------------------
+# ``f`` is the header file open for reading and writing; ``kdf_options`` go to the
+# header's ``new_kdf`` (pbkdf, iter_time_ms, memory_kb, cpus, iterations).
+
+
+def add_passphrase(f, header, passphrase, new_passphrase, slot=None, **kdf_options):
+    """Add ``new_passphrase`` in keyslot ``slot`` (default: the lowest free one)."""
+    target = pick_slot(header.free_keyslots(), slot)
+    kdf = header.new_kdf(**kdf_options)
+    _, key = header.unlock_slot(passphrase, f)
+    try:
+        new, writes = header.with_keyslot(target, new_passphrase, key, kdf)
+    finally:
+        wipe(key)
+    commit(f, writes)
+    return new, target
+
+
+def change_passphrase(f, header, passphrase, new_passphrase, slot=None, **kdf_options):
+    """Replace the keyslot ``passphrase`` opens (only ``slot`` if given)."""
+    kdf = header.new_kdf(**kdf_options)
+    old, key = header.unlock_slot(passphrase, f, slot)
+    try:
+        target = header.slot_for_change(old)
+        new, writes = header.with_keyslot(target, new_passphrase, key, kdf, replacing=old)
+    finally:
+        wipe(key)
+    commit(f, writes)
+    return new, target
+
+
+def remove_passphrase(f, header, passphrase, slot=None):
+    """Remove keyslot ``slot``, or the one ``passphrase`` opens; ``passphrase`` must
+    open some keyslot either way, and the last keyslot is never removed."""
+    opened, key = header.unlock_slot(passphrase, f)
+    wipe(key)
+    target = opened if slot is None else slot
+    active = header.active_keyslots()
+    if target not in active:
+        raise InputError(f"{header.name}: keyslot {target} is not in use")
+    if len(active) == 1:
+        raise InputError(f"{header.name}: refusing to remove keyslot {target}, the last one")
+    new, writes = header.without_keyslot(target)
+    commit(f, writes)
+    return new, target

@@ -1,0 +1,207 @@
+"""Reference counts and cluster allocation.
+
+Every host cluster has a refcount (refcount_bits wide, in refcount blocks listed by
+the refcount table); 0 means free.  New clusters come from the first free one,
+which past the end of the file means appending.  A range with no refcount block
+yet gets one placed at its own first free cluster, so the block describes itself;
+a full refcount table moves to a bigger one at the end of the file.
+
+Changes collect in a cache until :meth:`Refcounts.commit` writes them; the volume
+commits (and flushes) before any L2 entry points at a new cluster, so a crash
+leaves at worst leaked clusters, never a referenced cluster with refcount 0.
+Not thread-safe: the volume calls it under its metadata lock.
+"""
+
+import numpy as np
+
+from nbdcrypt.errors import FormatError
+from nbdcrypt.formats.qcow2.header import REFTABLE_FIELDS, REFTABLE_FIELDS_OFFSET
+from nbdcrypt.formats.qcow2.tables import OFFSET_MASK
+
+
+class Refcounts:
+    def __init__(self, header, store, file_size):
+        self.store = store
+        self.name = header.name
+        self.order = header.refcount_order
+        self.cluster_size = header.cluster_size
+        self.per_block = (self.cluster_size * 8) >> self.order
+        self.max_count = (1 << (1 << self.order)) - 1
+        self.table_offset = header.reftable_offset
+        self.table_clusters = header.reftable_clusters
+        raw = bytearray(self.table_clusters * self.cluster_size)
+        store.read_into(raw, self.table_offset)
+        self.table = [int(e) for e in np.frombuffer(raw, ">u8")]
+        self.end = -(-file_size // self.cluster_size)  # clusters in the file, or allocated
+        self._blocks = {}  # block offset -> bytearray
+        self._dirty = {}  # block offset -> [lo, hi) bytes to write
+        self._dirty_table = set()  # refcount table indices to write
+        self._hint = 0  # no free cluster below this index
+        self._l1_area = (header.l1_offset, header.l1_size * 8)
+
+    # -- reading -------------------------------------------------------------------
+
+    def get(self, cluster):
+        block = self._block_of(cluster)
+        return 0 if block is None else _get(block, cluster % self.per_block, self.order)
+
+    def _block_of(self, cluster):
+        index = cluster // self.per_block
+        if index >= len(self.table) or not self.table[index]:
+            return None
+        return self._block(self.table[index])
+
+    def _block(self, offset):
+        block = self._blocks.get(offset)
+        if block is None:
+            if offset & ~OFFSET_MASK or offset % self.cluster_size or offset < self.cluster_size \
+                    or offset >= self.end * self.cluster_size:
+                raise FormatError(f"{self.name}: refcount block offset {offset:#x} is corrupt")
+            block = bytearray(self.cluster_size)
+            self.store.read_into(block, offset)
+            self._blocks[offset] = block
+        return block
+
+    # -- changing ------------------------------------------------------------------
+
+    def allocate(self):
+        """A free cluster's index, its refcount now 1 (uncommitted)."""
+        while True:
+            cluster = self._find_free()
+            index = cluster // self.per_block
+            if index >= len(self.table):
+                self._grow_table(index)
+            elif not self.table[index]:
+                self._new_block(cluster)
+            else:
+                self._set(cluster, 1)
+                self.end = max(self.end, cluster + 1)
+                self._hint = cluster + 1
+                return cluster
+
+    def release(self, offset, length=1):
+        """Drop one reference to each cluster overlapping [offset, offset+length)."""
+        first, last = offset // self.cluster_size, (offset + length - 1) // self.cluster_size
+        for cluster in range(first, last + 1):
+            count = self.get(cluster)
+            if count == 0:
+                raise FormatError(f"{self.name}: refcount of cluster {cluster} would go below 0")
+            self._set(cluster, count - 1)
+            if count == 1:
+                self._hint = min(self._hint, cluster)
+
+    def commit(self):
+        """Write changed refcounts (blocks, then table entries pointing at new blocks).
+        The caller flushes."""
+        for offset, (lo, hi) in self._dirty.items():
+            self.store.write(memoryview(self._blocks[offset])[lo:hi], offset + lo)
+        self._dirty.clear()
+        if self._dirty_table:
+            self.store.flush()  # a table entry must never point at an unwritten block
+            for index in sorted(self._dirty_table):
+                self.store.write(self.table[index].to_bytes(8, "big"), self.table_offset + index * 8)
+            self._dirty_table.clear()
+
+    def _set(self, cluster, count):
+        if count > self.max_count:
+            raise FormatError(f"{self.name}: refcount of cluster {cluster} would overflow")
+        index, i = divmod(cluster, self.per_block)
+        offset = self.table[index]
+        lo, hi = _put(self._block(offset), i, self.order, count)
+        span = self._dirty.setdefault(offset, [lo, hi])
+        span[0], span[1] = min(span[0], lo), max(span[1], hi)
+
+    def _find_free(self):
+        cluster = self._hint
+        while True:
+            index = cluster // self.per_block
+            if index >= len(self.table) or not self.table[index]:
+                break
+            counts = _decode(self._block(self.table[index]), self.order)
+            free = np.flatnonzero(counts[cluster % self.per_block:] == 0)
+            if len(free):
+                cluster += int(free[0])
+                break
+            cluster = (index + 1) * self.per_block
+        metadata = ((0, self.cluster_size), self._l1_area,
+                    (self.table_offset, self.table_clusters * self.cluster_size))
+        for start, length in metadata:
+            if start <= cluster * self.cluster_size < start + length:
+                raise FormatError(f"{self.name}: refcounts say in-use metadata at cluster {cluster} is free")
+        return cluster
+
+    def _new_block(self, cluster):
+        """A refcount block for the (empty) range holding ``cluster``, placed there."""
+        offset = cluster * self.cluster_size
+        self._blocks[offset] = bytearray(self.cluster_size)
+        self._dirty[offset] = [0, self.cluster_size]
+        self.table[cluster // self.per_block] = offset
+        self._dirty_table.add(cluster // self.per_block)
+        self._set(cluster, 1)
+        self.end = max(self.end, cluster + 1)
+
+    def _grow_table(self, needed):
+        """Move the refcount table to a bigger one at the end of the file, together
+        with the blocks describing it; the header switches over in one write."""
+        self.commit()
+        cs, per_block = self.cluster_size, self.per_block
+        start = max(self.end, len(self.table) * per_block)  # free, and in no block's range
+        entries = max(needed + 1, 2 * len(self.table))
+        while True:
+            table_clusters = -(-entries * 8 // cs)
+            blocks = 0
+            while True:  # the new blocks describe the new table and themselves
+                last = start + table_clusters + blocks - 1
+                need = last // per_block - start // per_block + 1
+                if need == blocks:
+                    break
+                blocks = need
+            if last // per_block < entries:
+                break
+            entries = last // per_block + 1
+        table = self.table + [0] * (table_clusters * cs // 8 - len(self.table))
+        for j in range(blocks):
+            offset = (start + table_clusters + j) * cs
+            table[start // per_block + j] = offset
+            self._blocks[offset] = bytearray(cs)
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self.table, self.table_offset, self.table_clusters = table, start * cs, table_clusters
+        for cluster in range(start, last + 1):
+            _put(self._blocks[self.table[cluster // per_block]], cluster % per_block, self.order, 1)
+        for j in range(blocks):
+            offset = (start + table_clusters + j) * cs
+            self.store.write(self._blocks[offset], offset)
+        self.store.write(np.array(table, ">u8").tobytes(), self.table_offset)
+        self.store.flush()
+        self.store.write(REFTABLE_FIELDS.pack(self.table_offset, table_clusters), REFTABLE_FIELDS_OFFSET)
+        self.store.flush()
+        self.end = max(self.end, last + 1)
+        self.release(old_offset, old_clusters * cs)
+
+
+def _get(block, i, order):
+    if order >= 3:
+        width = 1 << (order - 3)
+        return int.from_bytes(block[i * width:(i + 1) * width], "big")
+    byte, shift = divmod(i << order, 8)
+    return (block[byte] >> shift) & ((1 << (1 << order)) - 1)
+
+
+def _put(block, i, order, count):
+    """Store one refcount; returns the [lo, hi) bytes changed."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        block[i * width:(i + 1) * width] = count.to_bytes(width, "big")
+        return i * width, (i + 1) * width
+    byte, shift = divmod(i << order, 8)
+    mask = ((1 << (1 << order)) - 1) << shift
+    block[byte] = (block[byte] & ~mask) | (count << shift)
+    return byte, byte + 1
+
+
+def _decode(block, order):
+    """All refcounts of a block as an array (sub-byte widths: least significant bits first)."""
+    if order >= 3:
+        return np.frombuffer(block, f">u{1 << (order - 3)}")
+    bits = np.unpackbits(np.frombuffer(block, np.uint8), bitorder="little").reshape(-1, 1 << order)
+    return bits @ (1 << np.arange(1 << order))

@@ -1,0 +1,350 @@
+"""The plaintext block device of a qcow2 image.
+
+Requests are cut at cluster boundaries and clusters with like mappings merged into
+runs (host-contiguous data, zeros, holes).  Reads and writes of data clusters that
+are allocated and unshared (COPIED) go straight to the file, sector by sector
+through the cipher, in parallel.  Anything else — a new cluster, a zero or
+compressed cluster, one shared with a snapshot, a new or shared L2 table — goes
+through :meth:`Qcow2Volume._rewrite` under one metadata lock, in crash-safe order:
+
+1. allocate clusters, write their refcounts, flush;
+2. write the data (whole clusters: old contents patched with the new bytes);
+3. write L2 entries (a new L2 table is written and flushed before the L1 entry);
+4. flush, then drop the references the old mappings held.
+
+A crash leaves at worst leaked clusters.  A range lock over whole guest clusters
+keeps concurrent requests on the same cluster apart, so a mapping read under the
+metadata lock stays true while its data is read or written outside it.
+"""
+
+import threading
+
+import numpy as np
+
+from nbdcrypt.errors import FormatError, ReadOnlyError, UnsupportedError
+from nbdcrypt.formats.qcow2.compress import decompress
+from nbdcrypt.formats.qcow2.header import AUTOCLEAR_OFFSET, CRYPT_LUKS, SECTOR_SIZE
+from nbdcrypt.formats.qcow2.refcounts import Refcounts
+from nbdcrypt.formats.qcow2.tables import (
+    COMPRESSED_DATA, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN, Mapping, Tables)
+from nbdcrypt.plugin.queueing import CryptPath
+from nbdcrypt.plugin.volume import RangeLock
+
+EXTENT_HOLE, EXTENT_ZERO = 1, 2
+ZERO_CHUNK = 4 << 20
+
+
+class Qcow2Volume:
+    """``size`` plaintext bytes; ``cipher`` is a SectorCipher (None: unencrypted);
+    ``backing`` has ``read(buf, offset)`` (None: unallocated clusters read as zeros)."""
+
+    sector_size = SECTOR_SIZE
+
+    def __init__(self, header, store, cipher, backing=None):
+        self.header, self.store, self.cipher, self.backing = header, store, cipher, backing
+        self.path = CryptPath(cipher, store)  # the queueing layer: where data crypto runs
+        self.name = header.name
+        self.size = header.size
+        self.readonly = store.readonly
+        self._cs = header.cluster_size
+        self._iv_by_host = header.crypt_method == CRYPT_LUKS
+        file_size = store.size()
+        self._tables = Tables(header, store, file_size)
+        self._refcounts = Refcounts(header, store, file_size)
+        self._meta = threading.Lock()
+        self._ranges = RangeLock()
+        if not self.readonly:
+            self._open_for_writing()
+
+    def _open_for_writing(self):
+        refusal = self.header.write_refusal()
+        if refusal:
+            raise UnsupportedError(f"{self.name}: qcow2 image {refusal}")
+        if self.header.autoclear:
+            # Bitmaps and other autoclear extensions go stale as we write: say so, as QEMU does.
+            self.store.write(bytes(8), AUTOCLEAR_OFFSET)
+            self.store.flush()
+
+    # -- the block device ----------------------------------------------------------
+
+    def read(self, buf, offset):
+        """Fill the writable buffer ``buf`` with the plaintext at ``offset``."""
+        view = memoryview(buf).cast("B")
+        with self.path.request("read", len(view)), \
+                self._ranges(*self._clusters_around(offset, len(view)), exclusive=False):
+            for guest, length, mapping in self._runs(offset, len(view)):
+                self._read_run(view[guest - offset:guest - offset + length], guest, mapping)
+
+    def write(self, data, offset, fua=False):
+        data = memoryview(data).cast("B")
+        self._check_writable()
+        with self.path.request("write", len(data)), \
+                self._ranges(*self._clusters_around(offset, len(data)), exclusive=True):
+            runs = self._runs(offset, len(data))
+            if all(m.kind == NORMAL and m.copied for _, _, m in runs):
+                for guest, length, m in runs:
+                    self._write_data(data[guest - offset:guest - offset + length], m.host, guest)
+            else:
+                with self._meta:
+                    self._rewrite(offset, len(data), data)
+        if fua:
+            self.store.flush()
+
+    def zero(self, count, offset, fua=False):
+        """Write zeros; whole clusters of a v3 image become zero clusters (no data written)."""
+        self._check_writable()
+        end = offset + count
+        first, last = self._whole_clusters(offset, end)
+        with self.path.request("write", count):
+            self._write_zeros(offset, first - offset)
+            if first < last:
+                with self._ranges(first, last, exclusive=True), self._meta:
+                    self._rewrite(first, last - first, None)
+            self._write_zeros(last, end - last)
+        if fua:
+            self.store.flush()
+
+    def flush(self):
+        self.store.flush()
+
+    def close(self):
+        """Release the image and its backing chain (and their image locks)."""
+        self.path.close()
+        self.store.close()
+        if self.backing is not None:
+            self.backing.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def extents(self, count, offset):
+        """[(offset, length, type)] with nbdkit's EXTENT_HOLE/EXTENT_ZERO bits."""
+        out = []
+        for guest, length, m in self._runs(offset, count):
+            kind = _extent_type(m, self.backing is not None)
+            if out and out[-1][2] == kind:
+                out[-1] = (out[-1][0], out[-1][1] + length, kind)
+            else:
+                out.append((guest, length, kind))
+        return out
+
+    # -- mapping -------------------------------------------------------------------
+
+    def _clusters_around(self, offset, length):
+        cs = self._cs
+        return offset // cs * cs, -(-(offset + length) // cs) * cs
+
+    def _whole_clusters(self, offset, end):
+        """The part of [offset, end) that zero clusters can cover: whole clusters (the
+        image's last one counts as whole up to the virtual size), v3 only."""
+        cs = self._cs
+        first = -(-offset // cs) * cs
+        last = end if end == self.size else end // cs * cs
+        if self.header.version < 3 or first >= last:
+            return end, end
+        return first, last
+
+    def _lookup(self, cluster):
+        """The checked mapping of one guest cluster (call under the metadata lock)."""
+        m = self._tables.lookup(cluster)
+        end = self._refcounts.end * self._cs
+        if m.kind in (NORMAL, ZERO_ALLOC, COMPRESSED_DATA):
+            length = self._cs if m.kind != COMPRESSED_DATA else 1
+            if m.host < self._cs or m.host + length > end or m.kind != COMPRESSED_DATA and m.host % self._cs:
+                raise FormatError(f"{self.name}: guest cluster {cluster} maps to {m.host:#x}, "
+                                  f"outside the image's data")
+        return m
+
+    def _runs(self, offset, length):
+        """[(guest offset, length, mapping)] covering the range; neighbours merge when
+        both read the same way (data: contiguous on the host too)."""
+        cs, runs = self._cs, []
+        with self._meta:
+            pos, end = offset, offset + length
+            while pos < end:
+                m = self._lookup(pos // cs)
+                piece = min(end, (pos // cs + 1) * cs) - pos
+                if m.kind == NORMAL:
+                    m = Mapping(NORMAL, m.host + pos % cs, copied=m.copied)
+                if runs and _follows(runs[-1], m):
+                    runs[-1] = (runs[-1][0], runs[-1][1] + piece, runs[-1][2])
+                else:
+                    runs.append((pos, piece, m))
+                pos += piece
+        return runs
+
+    # -- data ----------------------------------------------------------------------
+
+    def _read_run(self, view, guest, m):
+        if m.kind == NORMAL:
+            self._read_data(view, m.host, guest)
+        elif m.kind == COMPRESSED_DATA:
+            cluster = self._decompress(m)
+            start = guest % self._cs
+            view[:] = cluster[start:start + len(view)]
+        elif m.kind == UNALLOCATED and self.backing is not None:
+            self.backing.read(view, guest)
+        else:
+            view[:] = bytes(len(view))
+
+    def _iv_sector(self, host, guest):
+        """QEMU: LUKS IVs count host sectors, legacy AES IVs guest sectors."""
+        return (host if self._iv_by_host else guest) // SECTOR_SIZE
+
+    def _sectors(self, host, length):
+        """(lead, padded length): the request widened to whole sectors."""
+        lead = host % SECTOR_SIZE
+        return lead, -(-(lead + length) // SECTOR_SIZE) * SECTOR_SIZE
+
+    def _read_data(self, view, host, guest):
+        lead, padded = (0, len(view)) if self.cipher is None else self._sectors(host, len(view))
+        buf = view if padded == len(view) else bytearray(padded)
+        self.path.read(buf, host - lead, self._iv_sector(host - lead, guest - lead))
+        if buf is not view:
+            view[:] = memoryview(buf)[lead:lead + len(view)]
+
+    def _write_data(self, data, host, guest):
+        """Write plaintext in place; partial sectors are read, patched and re-encrypted."""
+        if self.cipher is None:
+            self.path.write(data, host, None)
+            return
+        lead, padded = self._sectors(host, len(data))
+        buf = bytearray(padded)
+        if lead:
+            self._read_data(memoryview(buf)[:SECTOR_SIZE], host - lead, guest - lead)
+        if (lead + len(data)) % SECTOR_SIZE and (padded > SECTOR_SIZE or not lead):
+            tail = padded - SECTOR_SIZE
+            self._read_data(memoryview(buf)[tail:], host - lead + tail, guest - lead + tail)
+        buf[lead:lead + len(data)] = data
+        self.path.write(buf, host - lead, self._iv_sector(host - lead, guest - lead))
+
+    def _decompress(self, m):
+        data = bytearray(max(0, min(m.length, self.store.size() - m.host)))
+        self.store.read_into(data, m.host)
+        return decompress(data, self._cs, self.header.compression_type, self.name)
+
+    def _write_zeros(self, offset, count):
+        zeros = bytes(min(count, ZERO_CHUNK))
+        for pos in range(offset, offset + count, ZERO_CHUNK):
+            self.write(memoryview(zeros)[:min(ZERO_CHUNK, offset + count - pos)], pos)
+
+    def _check_writable(self):
+        if self.readonly:
+            raise ReadOnlyError(f"{self.name}: image is read-only")
+
+    # -- allocating writes (under the metadata lock) -----------------------------------
+
+    def _rewrite(self, offset, length, data):
+        """Write ``data`` at ``offset``, or with ``data`` None turn the whole clusters
+        of the range into zero clusters, allocating and copying as needed."""
+        cs = self._cs
+        entries, fills, in_place, dropped = {}, [], [], []
+        for cluster in range(offset // cs, -(-(offset + length) // cs)):
+            m = self._lookup(cluster)
+            lo, hi = max(offset, cluster * cs), min(offset + length, (cluster + 1) * cs)
+            keep = m.kind in (NORMAL, ZERO_ALLOC) and m.copied  # reuse the host cluster
+            if data is None:
+                if m.kind in (ZERO_PLAIN, ZERO_ALLOC) or m.kind == UNALLOCATED and self.backing is None:
+                    continue  # reads as zeros already
+                entries[cluster] = (m.host | COPIED | ZERO) if keep else ZERO
+            elif m.kind == NORMAL and m.copied:
+                in_place.append((data[lo - offset:hi - offset], m.host + lo % cs, lo))
+                continue
+            else:
+                plain = bytearray(cs)
+                if hi - lo < cs:
+                    self._read_run(memoryview(plain), cluster * cs, m)
+                plain[lo % cs:lo % cs + hi - lo] = data[lo - offset:hi - offset]
+                fills.append((cluster, plain, m.host if keep else None))
+            if not keep:
+                dropped += _references(m, cs)
+        if not entries and not fills:
+            for piece in in_place:
+                self._write_data(*piece)
+            return
+        tables = self._l2_tables_to_write(set(entries) | {c for c, _, _ in fills})
+        hosts = self._allocate(tables, fills)
+        for (cluster, plain, _), host in zip(fills, hosts):
+            self.path.write(plain, host, self._iv_sector(host, cluster * cs))
+            entries[cluster] = host | COPIED
+        for piece in in_place:
+            self._write_data(*piece)
+        dropped += self._update_l2(tables, entries)
+        if dropped:
+            self.store.flush()  # no reference may drop before its replacement is on disk
+            for ref in dropped:
+                self._refcounts.release(*ref)
+            self._refcounts.commit()
+
+    def _l2_tables_to_write(self, clusters):
+        """{L1 index: [old L2 offset, new L2 offset or None]}: None keeps the old table;
+        a table that is missing or shared gets a new one (filled in by _allocate)."""
+        tables = {}
+        for l1_index in sorted({c // self._tables.l2_entries for c in clusters}):
+            old, copied = self._tables.l2_location(l1_index)
+            tables[l1_index] = [old, None if old and copied else 0]
+        return tables
+
+    def _allocate(self, tables, fills):
+        """Host offsets for new L2 tables and new data clusters; their refcounts are on
+        disk when this returns."""
+        cs = self._cs
+        for slot in tables.values():
+            if slot[1] == 0:
+                slot[1] = self._refcounts.allocate() * cs
+        hosts = [host if host is not None else self._refcounts.allocate() * cs for _, _, host in fills]
+        self._refcounts.commit()
+        self.store.flush()
+        self._tables.file_size = self._refcounts.end * cs
+        return hosts
+
+    def _update_l2(self, tables, entries):
+        """Point L2 entries at their new mappings; returns the references old L2
+        tables held (to drop once this is on disk)."""
+        per_table = self._tables.l2_entries
+        moved = []
+        for l1_index, (old, new) in tables.items():
+            updates = {c % per_table: e for c, e in entries.items() if c // per_table == l1_index}
+            if new is None:
+                self._tables.set_entries(old, updates)
+                continue
+            table = self._tables.table(old).copy() if old else np.zeros(per_table, np.uint64)
+            for index, value in updates.items():
+                table[index] = value
+            self._tables.write_table(new, table)
+            moved.append((l1_index, old, new))
+        if moved:
+            self.store.flush()  # an L1 entry must never point at an unwritten table
+        for l1_index, old, new in moved:
+            self._tables.set_l1(l1_index, new | COPIED)
+        return [(old, self._cs) for _, old, _ in moved if old]
+
+
+def _follows(run, m):
+    """Whether mapping ``m`` continues ``run`` (guest offset, length, mapping)."""
+    _, length, prev = run
+    if prev.kind != m.kind:
+        return False
+    if m.kind == NORMAL:
+        return prev.copied == m.copied and prev.host + length == m.host
+    return m.kind != COMPRESSED_DATA
+
+
+def _references(m, cluster_size):
+    """The (offset, length) host ranges whose refcounts mapping ``m`` holds."""
+    if m.kind in (NORMAL, ZERO_ALLOC):
+        return [(m.host, cluster_size)]
+    if m.kind == COMPRESSED_DATA:
+        return [(m.host, m.length)]
+    return []
+
+
+def _extent_type(m, has_backing):
+    if m.kind in (ZERO_PLAIN, ZERO_ALLOC):
+        return EXTENT_ZERO | (EXTENT_HOLE if m.kind == ZERO_PLAIN else 0)
+    if m.kind == UNALLOCATED and not has_backing:
+        return EXTENT_HOLE | EXTENT_ZERO
+    return 0
