@@ -8,11 +8,11 @@ STATE ?= $(CURDIR)/.state
 # nbdkit's Python plugin embeds Debian's interpreter: the venv must be built from it.
 SYSTEM_PYTHON := /usr/bin/python3
 APT_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin fio qemu-utils \
-	cryptsetup-bin fuse3 e2fsprogs python3-venv python3-pip python3-botan
+	cryptsetup-bin fuse3 e2fsprogs python3-venv python3-pip python3-botan systemd keyutils gnutls-bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test bench deps venv clean
+.PHONY: run test bench install deps venv clean
 
 run: deps venv
 	@scripts/demo "$(STATE)"
@@ -23,6 +23,17 @@ test: deps venv
 # nbdcrypt against its peers, one run: docs/benchmarks.md
 bench: deps venv
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
+
+# A system install: the package in its own venv, the systemd units (docs/operations.md).
+PREFIX ?= /opt/nbdcrypt
+UNITDIR ?= /usr/local/lib/systemd/system
+install: deps
+	$(SYSTEM_PYTHON) -m venv --system-site-packages $(PREFIX)
+	$(PREFIX)/bin/pip install -q .
+	install -d $(PREFIX)/share/doc/nbdcrypt /etc/nbdcrypt && chmod 0700 /etc/nbdcrypt
+	install -m 0644 docs/*.md $(PREFIX)/share/doc/nbdcrypt/
+	install -D -m 0644 -t $(UNITDIR) systemd/nbdcrypt@.service systemd/nbdcrypt@.socket
+	systemctl daemon-reload 2>/dev/null || true
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \

@@ -1,17 +1,19 @@
-"""The ``nbdcrypt`` command line: serve, format, info.
+"""The ``nbdcrypt`` command line: serve, format, info, keyslot, repair.
 
 Every nbdcrypt error ends as one line on stderr and the error's exit status
 (2 for bad input); nothing else prints a traceback at the user.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 from .. import __version__
 from ..errors import InputError, NbdcryptError
-from . import keys
+from ..formats.luks_common import create_file
+from . import config, ctl, keys
 
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -28,6 +30,29 @@ def parse_size(text):
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, not {text!r}")
     return size
+
+
+def add_image_options(parser):
+    parser.add_argument("image", metavar="IMAGE", help="encrypted image (with --header: its data file)")
+    parser.add_argument("--header", metavar="FILE", help="detached LUKS header file")
+
+
+def add_pbkdf_options(parser):
+    parser.add_argument("--pbkdf", choices=["argon2id", "argon2i", "pbkdf2"],
+                        help="keyslot PBKDF (default: argon2id for LUKS2; LUKS1 has only pbkdf2)")
+    parser.add_argument("--iter-time", "-i", type=int, default=2000, metavar="MS",
+                        help="milliseconds of PBKDF per unlock (default: %(default)s)")
+    parser.add_argument("--pbkdf-memory", type=int, metavar="KB",
+                        help="Argon2 memory (default: 1048576, at most half the RAM)")
+    parser.add_argument("--pbkdf-parallel", type=int, metavar="N",
+                        help="Argon2 threads (default: 4, at most the CPUs)")
+    parser.add_argument("--pbkdf-force-iterations", type=int, metavar="N",
+                        help="PBKDF iterations (Argon2: time cost), skipping the benchmark")
+
+
+def kdf_options(args):
+    return {"pbkdf": args.pbkdf, "iter_time_ms": args.iter_time, "memory_kb": args.pbkdf_memory,
+            "cpus": args.pbkdf_parallel, "iterations": args.pbkdf_force_iterations}
 
 
 def add_key_options(parser):
@@ -49,7 +74,7 @@ def build_parser():
         "serve", help="serve a decrypted image over NBD until SIGTERM/SIGINT",
         description="Unlock IMAGE once and serve its plaintext over NBD with nbdkit. Runs in the "
                     "foreground until SIGTERM or SIGINT; prints the NBD URI once clients can connect.")
-    serve.add_argument("image", metavar="IMAGE", help="encrypted image file")
+    serve.add_argument("image", metavar="IMAGE", nargs="?", help="encrypted image file (or `image` in --config)")
     add_key_options(serve)
     serve.add_argument("--header", metavar="FILE", help="detached LUKS header file")
     where = serve.add_mutually_exclusive_group()
@@ -57,69 +82,243 @@ def build_parser():
                        help="listen on this Unix socket (default: /run/nbdcrypt/IMAGE.sock, or "
                             "$XDG_RUNTIME_DIR/nbdcrypt/IMAGE.sock)")
     where.add_argument("--port", metavar="N", type=int, help="listen on TCP port N instead of a Unix socket")
-    serve.add_argument("--bind", metavar="ADDR", default="127.0.0.1",
-                       help="address to listen on with --port (default: %(default)s)")
+    serve.add_argument("--bind", metavar="ADDR", help="address to listen on with --port (default: 127.0.0.1)")
     serve.add_argument("--readonly", action="store_true", help="export read-only; the image is never written")
+    add_queueing_options(serve)
+    config.add_options(serve)
     serve.set_defaults(run=run_serve)
 
     fmt = commands.add_parser(
         "format", help="create a new encrypted image",
         description="Create IMAGE with a LUKS header and a payload of SIZE bytes (sparse), "
-                    "compatible with cryptsetup and qemu-img -f luks.")
-    fmt.add_argument("image", metavar="IMAGE", help="image file to create")
-    fmt.add_argument("size", metavar="SIZE", type=parse_size, help="payload size: bytes or with K/M/G/T suffix")
-    fmt.add_argument("--type", choices=["luks1"], default="luks1", help="on-disk format (default: %(default)s)")
+                    "compatible with cryptsetup (and, for LUKS1, qemu-img -f luks). With --header, "
+                    "only the header FILE is created; IMAGE is the data file, used from offset 0 and "
+                    "never written (created sparse if SIZE is given and it does not exist).")
+    fmt.add_argument("image", metavar="IMAGE", help="image file to create (with --header: the data file)")
+    fmt.add_argument("size", metavar="SIZE", type=parse_size, nargs="?",
+                     help="payload size: bytes or with K/M/G/T suffix (optional with --header)")
+    fmt.add_argument("--type", choices=["luks1", "luks2", "qcow2"], default="luks2",
+                     help="on-disk format (default: %(default)s, as cryptsetup)")
     add_key_options(fmt)
+    fmt.add_argument("--header", metavar="FILE", help="create a detached header in FILE")
+    qcow2 = fmt.add_argument_group("qcow2 (--type qcow2; images qemu-img accepts)")
+    qcow2.add_argument("--encrypt", choices=["luks", "aes"], default="luks",
+                       help="qcow2 encryption (default: %(default)s)")
+    qcow2.add_argument("--insecure-legacy-aes", action="store_true",
+                       help="allow --encrypt aes (deprecated by QEMU, weak)")
+    qcow2.add_argument("--cluster-size", type=parse_size, default=65536, metavar="N",
+                       help="cluster size, 512 to 2M (default: 64K)")
+    qcow2.add_argument("--compat", choices=["0.10", "1.1"], default="1.1",
+                       help="qcow2 version: 0.10 is v2, 1.1 is v3 (default: %(default)s)")
+    qcow2.add_argument("--backing", metavar="FILE", help="backing file, relative to the image's directory")
+    qcow2.add_argument("--backing-format", choices=["raw", "qcow2"], help="the backing file's format")
     fmt.add_argument("--cipher", default="aes-xts-plain64", metavar="SPEC",
                      help="cipher in dm-crypt form (default: %(default)s)")
     fmt.add_argument("--key-size", type=int, default=None, metavar="BITS",
-                     help="master key size in bits; xts counts both halves (default: 256, as cryptsetup)")
-    fmt.add_argument("--hash", default="sha256", metavar="H", help="PBKDF2 hash (default: %(default)s)")
-    fmt.add_argument("--iter-time", type=int, default=2000, metavar="MS",
-                     help="milliseconds of PBKDF2 per unlock (default: %(default)s)")
-    fmt.add_argument("--force", action="store_true", help="overwrite an existing non-empty IMAGE")
+                     help="master key size in bits; xts counts both halves (default: 512 for xts, "
+                          "else 256, as cryptsetup)")
+    fmt.add_argument("--hash", default="sha256", metavar="H",
+                     help="hash for PBKDF2, the AF splitter and the digest (default: %(default)s)")
+    fmt.add_argument("--sector-size", type=int, default=None, metavar="N",
+                     help="LUKS2 encryption sector size, 512-4096 (default: 4096 when SIZE allows, "
+                          "else 512, as cryptsetup for files)")
+    fmt.add_argument("--label", default="", help="LUKS2 label")
+    fmt.add_argument("--subsystem", default="", help="LUKS2 subsystem")
+    add_pbkdf_options(fmt)
     fmt.set_defaults(run=run_format)
+
+    keyslot = commands.add_parser(
+        "keyslot", help="add, remove or change a passphrase",
+        description="Change IMAGE's keyslots, crash-safely: a crash at any point leaves an image "
+                    "that opens with the old or the new passphrase.")
+    actions = keyslot.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("add", "add a passphrase (needs an existing one)"),
+                         ("remove", "remove the keyslot the passphrase opens, or --key-slot N"),
+                         ("change", "replace the passphrase of a keyslot")):
+        sub = actions.add_parser(action, help=text, description=text)
+        add_image_options(sub)
+        add_key_options(sub)
+        sub.add_argument("--key-slot", "-S", type=int, metavar="N",
+                         help="keyslot to fill (add), remove (remove) or open (change)")
+        if action != "remove":
+            sub.add_argument("--new-key-file", metavar="FILE", help="read the new passphrase from FILE")
+            add_pbkdf_options(sub)
+        sub.set_defaults(run=run_keyslot)
+
+    repair = commands.add_parser(
+        "repair", help="rewrite a damaged or stale LUKS2 header copy from the good one",
+        description="If one LUKS2 header copy is damaged or older than the other, rewrite both "
+                    "from the newest valid copy. Nothing is written when both are fine.")
+    add_image_options(repair)
+    repair.set_defaults(run=run_repair)
 
     info = commands.add_parser("info", help="show an image's header (no secrets)",
                                description="Print format, cipher, key size, sector size, payload "
                                            "geometry and keyslots of IMAGE. Needs no passphrase.")
-    info.add_argument("image", metavar="IMAGE")
-    info.add_argument("--header", metavar="FILE", help="detached LUKS header file")
+    add_image_options(info)
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(run=run_info)
+
+    ctl.add_parser(commands)
     return parser
 
 
-def run_serve(args):
-    from .serve import serve
+def add_queueing_options(parser):
+    group = parser.add_argument_group(
+        "queueing layer (dm-crypt's flags; all off = crypto on worker threads, sorted writer)")
+    for flag in ctl.PERF_FLAGS:
+        group.add_argument(f"--perf-{flag}", action="store_true", dest=flag,
+                           help=PERF_HELP[flag])
+    group.add_argument("--workers", type=int, metavar="N", help="crypt worker threads (default: CPUs)")
+    group.add_argument("--throttle-bps", type=int, metavar="BYTES", help="limit to BYTES per second")
+    group.add_argument("--throttle-ops", type=int, metavar="N", help="limit to N requests per second")
+    group.add_argument("--control", metavar="PATH",
+                       help="control socket for `nbdcrypt ctl` (statistics, live changes)")
 
-    passphrase = keys.read_passphrase(args.key_file, args.passphrase_fd,
-                                      prompt=f"Enter passphrase for {args.image}: ")
-    return serve(args.image, passphrase, header=args.header, socket_path=args.socket, port=args.port,
-                 bind=args.bind, readonly=args.readonly)
+
+PERF_HELP = {
+    "no_read_workqueue": "decrypt reads in the request thread instead of a worker",
+    "no_write_workqueue": "encrypt and write in the request thread instead of a worker",
+    "same_cpu_crypt": "queued crypto runs on the worker pinned to the submitting CPU",
+    "submit_from_crypt_cpus": "workers write their own requests instead of the sorting writer thread",
+}
+
+
+def run_serve(args):
+    from .serve import main
+
+    return main(args)
 
 
 def run_format(args):
     from ..formats.luks1 import format_luks1
+    from ..formats.luks2 import format_luks2
 
-    if os.path.exists(args.image) and os.path.getsize(args.image) > 0 and not args.force:
-        raise InputError(f"{args.image}: exists and is not empty; pass --force to overwrite it")
+    size = data_size(args)
+    key_bits = args.key_size or (512 if "-xts-" in args.cipher else 256)
+    common = dict(cipher=args.cipher, key_bits=key_bits, hash_name=args.hash, iter_time_ms=args.iter_time,
+                  detached=args.header is not None)
+    if args.type == "qcow2":
+        from ..formats.qcow2 import create
+
+        if args.header:
+            raise InputError("qcow2 keeps its encryption header inside the image: no --header")
+        if args.encrypt == "aes" and args.insecure_legacy_aes:
+            from ..formats.qcow2.create import AES_WARNING
+            print(f"nbdcrypt: warning: {AES_WARNING}", file=sys.stderr)
+        make = lambda path, pp: create(
+            path, size, pp, encrypt=args.encrypt, cluster_size=args.cluster_size, compat=args.compat,
+            backing=args.backing, backing_format=args.backing_format, cipher=args.cipher,
+            key_bits=key_bits, hash_name=args.hash, iter_time_ms=args.iter_time,
+            allow_aes=args.insecure_legacy_aes)
+    elif args.type == "luks1":
+        if args.pbkdf not in (None, "pbkdf2") or args.sector_size not in (None, 512) or args.label \
+                or args.subsystem:
+            raise InputError("LUKS1 has only pbkdf2, 512-byte sectors and no label or subsystem")
+        make = lambda path, pp: format_luks1(path, size, pp, iterations=args.pbkdf_force_iterations, **common)
+    else:
+        sector_size = args.sector_size or (4096 if size % 4096 == 0 else 512)
+        make = lambda path, pp: format_luks2(
+            path, size, pp, sector_size=sector_size, pbkdf=args.pbkdf or "argon2id",
+            pbkdf_memory=args.pbkdf_memory, pbkdf_parallel=args.pbkdf_parallel,
+            pbkdf_iterations=args.pbkdf_force_iterations, label=args.label, subsystem=args.subsystem,
+            **common)
+    target = args.header or args.image
+    if os.path.exists(target):
+        raise InputError(f"{target}: already exists")
     passphrase = keys.read_passphrase(args.key_file, args.passphrase_fd, prompt="Enter new passphrase: ")
-    header = format_luks1(args.image, args.size, passphrase, cipher=args.cipher,
-                          key_bits=args.key_size or 256, hash_name=args.hash, iter_time_ms=args.iter_time)
-    print(f"{args.image}: {header.info()['format']} {header.cipher_spec}, payload {args.size} bytes")
+    try:
+        header = make(target, passphrase)
+    finally:
+        keys.wipe(passphrase)
+    if args.header and not os.path.exists(args.image):
+        create_file(args.image, size, [])
+    print(f"{target}: {header.info()['format']} {header.cipher_spec}, payload {size} bytes")
     return 0
 
 
-def run_info(args):
-    from ..formats import open_header
+def data_size(args):
+    """SIZE, or with --header the existing data file's size; checked before any write."""
+    if args.header is None:
+        if args.size is None:
+            raise InputError("SIZE is required (except with --header and an existing data file)")
+        return args.size
+    if not os.path.exists(args.image):
+        if args.size is None:
+            raise InputError(f"{args.image}: no such data file; give SIZE to create it")
+        return args.size
+    if args.size is not None:
+        raise InputError(f"{args.image}: data file exists; omit SIZE to use all of it")
+    return os.path.getsize(args.image)
+
+
+def run_keyslot(args):
+    from ..formats import luks_common
+
+    operation = {"add": luks_common.add_passphrase, "change": luks_common.change_passphrase,
+                 "remove": luks_common.remove_passphrase}[args.action]
+    path = args.header or args.image
+    secrets, options = [], {}
+    with open_image(path, "r+b") as f:
+        header = read_header(f, path)
+        try:
+            secrets.append(keys.read_passphrase(args.key_file, args.passphrase_fd,
+                                                prompt=f"Enter passphrase for {args.image}: "))
+            if args.action != "remove":
+                secrets.append(keys.read_passphrase(args.new_key_file, None, prompt="Enter new passphrase: "))
+                options = kdf_options(args)
+            _, slot = operation(f, header, *secrets, args.key_slot, **options)
+        finally:
+            for secret in secrets:
+                keys.wipe(secret)
+    print(f"{path}: keyslot {slot} {ACTION_DONE[args.action]}")
+    return 0
+
+
+ACTION_DONE = {"add": "added", "remove": "removed", "change": "now holds the new passphrase"}
+
+
+def run_repair(args):
+    from ..formats.luks_common import commit
 
     path = args.header or args.image
+    with open_image(path, "r+b") as f:
+        header = read_header(f, path)
+        if not header.warnings:
+            print(f"{path}: nothing to repair")
+            return 0
+        commit(f, header.repaired())
+    print(f"{path}: both header copies rewritten")
+    return 0
+
+
+@contextlib.contextmanager
+def open_image(path, mode="rb"):
     try:
-        with open(path, "rb") as f:
-            info = open_header(f, path).info()
+        with open(path, mode) as f:
+            yield f
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+
+
+def read_header(f, path):
+    """The header, its warnings (a damaged copy) printed as one line each."""
+    from ..formats import open_header
+
+    header = open_header(f, path)
+    for warning in getattr(header, "warnings", ()):  # LUKS2: a damaged or stale copy
+        print(f"nbdcrypt: warning: {warning}", file=sys.stderr)
+    return header
+
+
+def run_info(args):
+    path = args.header or args.image
+    with open_image(path) as f:
+        info = read_header(f, path).info()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -133,8 +332,14 @@ def format_info(info, indent=""):
         if isinstance(value, list):
             lines.append(f"{indent}{key}:")
             for i, item in enumerate(value):
-                lines.append(f"{indent}  {i}:")
-                lines.append(format_info(item, indent + "    "))
+                if isinstance(item, dict):
+                    lines.append(f"{indent}  {i}:")
+                    lines.append(format_info(item, indent + "    "))
+                else:
+                    lines.append(f"{indent}  - {item}")
+        elif isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.append(format_info(value, indent + "  "))
         else:
             lines.append(f"{indent}{key}: {value}")
     return "\n".join(lines)

@@ -1,54 +1,167 @@
-"""Where passphrases come from: a key file, a file descriptor, stdin or a prompt.
+"""Where passphrases come from, and how they are kept while held.
 
-Never from the command line or the environment.  Key files are used whole, as
-cryptsetup's ``--key-file`` does; a descriptor or piped stdin gives one line.
+Sources: a key file (used whole, as cryptsetup's ``--key-file``), a systemd
+credential (a file in ``$CREDENTIALS_DIRECTORY``), a user key in the kernel
+keyring (read with ``keyctl pipe``, so it never reaches a command line), a file
+descriptor or piped stdin (one line), or a prompt.  Never argv or the environment.
+
+Every source returns a bytearray locked in RAM where RLIMIT_MEMLOCK allows; the
+caller wipes it (:func:`wipe`).  Copies made by libraries (OpenSSL's key
+schedule, Argon2's buffers) are outside our reach: docs/security.md says what
+is and is not covered.
 """
 
+import ctypes
 import getpass
 import os
+import resource
+import shutil
+import stat
+import subprocess
 import sys
+from pathlib import Path
 
 from ..errors import InputError
 
 MAX_KEY_FILE = 8 << 20  # cryptsetup's default keyfile size limit
+MAX_LINE = 64 << 10  # a passphrase on a descriptor or stdin
+PR_SET_DUMPABLE = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def read_passphrase(key_file=None, passphrase_fd=None, prompt="Enter passphrase: "):
-    """Return the passphrase as bytes from the first source given."""
+def protect_process():
+    """No core dumps, no ptrace by other processes of our user; children inherit
+    the core limit (nbdkit sets its own PR_SET_DUMPABLE, which exec resets)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def secret(size):
+    """A zeroed bytearray for key material, locked in RAM (see :func:`lock`)."""
+    return lock(bytearray(size))
+
+
+def lock(buf):
+    """mlock ``buf`` if RLIMIT_MEMLOCK allows (otherwise it may reach swap); return it."""
+    if buf:
+        _libc.mlock(_address(buf), len(buf))
+    return buf
+
+
+def wipe(buf):
+    """Zero ``buf`` in place and unlock it."""
+    if buf:
+        ctypes.memset(_address(buf), 0, len(buf))
+        _libc.munlock(_address(buf), len(buf))
+
+
+def _address(buf):
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def read_passphrase(key_file=None, passphrase_fd=None, prompt="Enter passphrase: ", credential=None,
+                    keyring=None):
+    """The passphrase (a locked bytearray to :func:`wipe`) from the one source given."""
+    given = [s for s in (key_file, passphrase_fd, credential, keyring) if s is not None]
+    if len(given) > 1:
+        raise InputError("give only one of --key-file, --passphrase-fd, --key-credential, --key-keyring")
     if key_file is not None:
         return _read_key_file(key_file)
+    if credential is not None:
+        return _read_key_file(_credential_path(credential))
+    if keyring is not None:
+        return _read_keyring(keyring)
     if passphrase_fd is not None:
         return _read_line(passphrase_fd, f"passphrase fd {passphrase_fd}")
     if not sys.stdin.isatty():
         return _read_line(sys.stdin.fileno(), "stdin")
-    passphrase = getpass.getpass(prompt).encode()
-    if not passphrase:
+    return _from_prompt(prompt)
+
+
+def _from_prompt(prompt):
+    typed = getpass.getpass(prompt).encode()  # an immutable copy we cannot wipe: interactive use only
+    if not typed:
         raise InputError("empty passphrase")
-    return passphrase
+    buf = secret(len(typed))
+    buf[:] = typed
+    return buf
+
+
+def _credential_path(name):
+    """systemd's LoadCredential=/LoadCredentialEncrypted= put NAME in $CREDENTIALS_DIRECTORY."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise InputError(f"credential {name}: $CREDENTIALS_DIRECTORY is not set (systemd's LoadCredential= sets it)")
+    if "/" in name or name in ("", ".", ".."):
+        raise InputError(f"credential {name!r}: not a credential name")
+    return Path(directory, name)
 
 
 def _read_key_file(path):
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_FILE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InputError(f"{path}: key file not found") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read key file: {e.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        capacity = info.st_size + 1 if stat.S_ISREG(info.st_mode) else MAX_KEY_FILE + 1
+        data = _read_fd(fd, min(capacity, MAX_KEY_FILE + 1), f"key file {path}")
+    finally:
+        os.close(fd)
     if len(data) > MAX_KEY_FILE:
+        wipe(data)
         raise InputError(f"{path}: key file larger than {MAX_KEY_FILE} bytes")
     if not data:
         raise InputError(f"{path}: key file is empty")
     return data
 
 
+def _read_keyring(description):
+    """The payload of the user key ``description`` found from our session keyring
+    (which links the user keyring outside systemd; in a unit, KeyringMode=shared)."""
+    keyctl = shutil.which("keyctl")
+    if keyctl is None:
+        raise InputError("the kernel keyring needs keyctl (apt-get install keyutils)")
+    found = subprocess.run([keyctl, "request", "user", description], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise InputError(f"no user key {description!r} in the kernel keyring")
+    with subprocess.Popen([keyctl, "pipe", found.stdout.strip()], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL) as pipe:
+        data = _read_fd(pipe.stdout.fileno(), MAX_KEY_FILE, f"keyring key {description!r}")
+    if pipe.returncode != 0 or not data:
+        wipe(data)
+        raise InputError(f"cannot read user key {description!r} from the kernel keyring")
+    return data
+
+
 def _read_line(fd, name):
-    data = bytearray()
-    try:
-        while len(data) <= MAX_KEY_FILE and (byte := os.read(fd, 1)) not in (b"", b"\n"):
-            data += byte
-    except OSError as e:
-        raise InputError(f"cannot read passphrase from {name}: {e.strerror}") from None
+    data = _read_fd(fd, MAX_LINE + 1, name, line=True)
+    if len(data) > MAX_LINE:
+        wipe(data)
+        raise InputError(f"passphrase on {name} is longer than {MAX_LINE} bytes")
     if not data:
         raise InputError(f"no passphrase on {name}")
-    return bytes(data)
+    return data
+
+
+def _read_fd(fd, capacity, name, line=False):
+    """Up to ``capacity`` bytes (up to a newline if ``line``) as an exact-size locked bytearray.
+    A line is read a byte at a time so nothing after it is consumed."""
+    buf, n = secret(capacity), 0
+    try:
+        with memoryview(buf) as view:
+            while n < capacity:
+                got = os.readv(fd, [view[n:n + 1] if line else view[n:]])
+                if got == 0 or (line and buf[n] == ord("\n")):
+                    break
+                n += got
+            result = secret(n)
+            result[:] = view[:n]
+    except OSError as e:
+        raise InputError(f"cannot read {name}: {e.strerror}") from None
+    finally:
+        wipe(buf)
+    return result

@@ -1,23 +1,26 @@
-"""``nbdcrypt serve``: unlock once, then run nbdkit with the plugin until told to stop.
+"""``nbdcrypt serve``: unlock once, then supervise nbdkit with the plugin until told to stop.
 
 The master key travels to nbdkit through a pipe inherited as a file descriptor:
-never argv, never the environment.  nbdkit runs in the foreground as our child
-(``--exit-with-parent``); SIGTERM and SIGINT are forwarded so in-flight requests
-finish, clients still connected after a grace period are dropped, and the image
-is fsynced before serve reports a clean stop.
+never argv, never the environment.  nbdkit is our child (``--exit-with-parent``),
+supervised by one trio nursery: a readiness probe (an NBD greeting, then
+NBD_OPT_ABORT) that reports "serving" and READY=1, a signal receiver that turns
+SIGTERM/SIGINT/SIGHUP into a graceful stop, and the wait for nbdkit's exit.  On a
+stop nbdkit finishes in-flight requests but would wait for idle clients forever:
+after STOP_GRACE seconds they are dropped.  The image is fsynced before a clean
+stop is reported.  If nbdkit dies unasked, serve exits 1 with the reason.
 """
 
 import os
-import re
 import shutil
 import signal
+import subprocess
 import socket
 import struct
-import subprocess
 import sys
-import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import trio
 
 from .. import plugin
 from ..errors import InputError, NbdcryptError
@@ -25,40 +28,66 @@ from ..formats import open_header
 from ..plugin.export import header_file
 from ..plugin.queueing import Settings
 from ..plugin.store import is_uri, open_store
+from . import config, ctl, keys
+from .listener import choose_listener
+from .notify import Notifier
 
 PLUGIN_SCRIPT = Path(plugin.__file__).parent / "nbdkit_plugin.py"
 READY_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 NBD_FLAG_C_FIXED_NEWSTYLE = 1
 NBD_OPT_ABORT = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def main(args):
+    """``nbdcrypt serve`` from parsed arguments, completed by ``--config``; the exit status."""
+    keys.protect_process()
+    notify = Notifier.from_environment()
+    if args.config:
+        config.merge(args, config.load(args.config, args.config_keys))
+    if not args.image:
+        raise InputError("no IMAGE; usage: nbdcrypt serve IMAGE [OPTIONS] | nbdcrypt serve --config FILE")
+    settings = queueing_settings(args)
+    image = args.image if is_uri(args.image) else os.path.abspath(args.image)
+    listener = choose_listener(args, image)  # refuse a bad listener before asking for a passphrase
+    notify(f"STATUS=unlocking {image}")
+    passphrase = keys.read_passphrase(args.key_file, args.passphrase_fd, prompt=f"Enter passphrase for {image}: ",
+                                      credential=args.key_credential, keyring=args.key_keyring)
+    try:
+        return serve(image, passphrase, listener, header=args.header, readonly=args.readonly,
+                     settings=settings, control=args.control, notify=notify)
+    finally:
+        keys.wipe(passphrase)
+
+
+def queueing_settings(args):
+    """The queueing layer's settings given as options (checked, so a typo is a usage error)."""
+    settings = {flag: "on" for flag in ctl.PERF_FLAGS if getattr(args, flag)}
+    for name in ("workers", "throttle_bps", "throttle_ops"):
+        if getattr(args, name) is not None:
+            settings[name] = str(getattr(args, name))
+    Settings().updated(settings)
+    return settings
 
 
 def unlock(image, header_path, passphrase, readonly):
     """Check the image opens as it will be served (exists, writable unless ``readonly``)
-    and return ``(header, master_key, payload_size)``."""
+    and return ``(header, master_key, payload_size)``; the key is locked in RAM."""
     store = open_store(image, readonly)
     try:
         with header_file(image, header_path, store) as f:
             header = open_header(f, header_path or image)
-            return header, bytearray(header.unlock(passphrase, f)), header.payload_size(store.size())
+            return header, keys.lock(header.unlock(passphrase, f)), header.payload_size(store.size())
     finally:
         store.close()
-
-
-def default_socket(image):
-    """A per-image socket path in the runtime directory (0700)."""
-    base = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
-    directory = Path(base, "nbdcrypt") if base else Path("/run/nbdcrypt" if os.geteuid() == 0 else f"/tmp/nbdcrypt-{os.getuid()}")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    name = re.sub(r"[^\w.-]", "_", Path(image).name)  # a URI's last part may hold anything
-    return directory / f"{name}.sock"
 
 
 def nbdkit_command(image, header, key_fd, listener, readonly, params):
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise NbdcryptError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
-    cmd = [nbdkit, "--foreground", "--exit-with-parent", *listener]
+    cmd = [*listener.launcher, nbdkit, "--foreground", "--exit-with-parent", *listener.nbdkit_args]
     if readonly:
         cmd.append("--readonly")
     cmd += ["python", str(PLUGIN_SCRIPT), f"image={image}", f"master-key-fd={key_fd}"]
@@ -70,99 +99,165 @@ def nbdkit_command(image, header, key_fd, listener, readonly, params):
     return cmd
 
 
-def plugin_environment():
+def plugin_environment(listener):
     """nbdkit embeds the system Python: let it import what this interpreter imports."""
-    env = dict(os.environ)
+    env = dict(os.environ, **listener.environment)
     paths = [p for p in sys.path if p and Path(p).is_dir()]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 
 
-def serve(image, passphrase, header=None, socket_path=None, port=None, bind="127.0.0.1", readonly=False,
-          settings=None, control=None, log=print):
-    """Serve ``image`` until SIGTERM/SIGINT; return nbdkit's exit status.
+def serve(image, passphrase, listener, header=None, readonly=False, settings=None, control=None,
+          notify=Notifier(), log=print):
+    """Serve ``image`` until SIGTERM/SIGINT/SIGHUP; return nbdkit's exit status.
 
-    ``settings`` are queueing-layer settings (name -> value, checked here so a typo is
-    a usage error, not a dead nbdkit); ``control`` is the control socket's path."""
-    params = {name: str(value) for name, value in (settings or {}).items()}
-    Settings().updated(params)
+    ``listener`` comes from :func:`choose_listener`; ``settings`` are queueing-layer
+    settings; ``control`` is the control socket's path."""
+    params = dict(settings or {})
     if control:
         params["control"] = os.path.abspath(control)
-    image = image if is_uri(image) else os.path.abspath(image)
     header = os.path.abspath(header) if header else None
     hdr, key, size = unlock(image, header, passphrase, readonly)
-    if port is None:
-        socket_path = Path(os.path.abspath(socket_path)) if socket_path else default_socket(image)
-        if socket_path.exists():
-            raise InputError(f"{socket_path}: socket already exists (another server running?)")
-        listener, uri = ["--unix", str(socket_path)], f"nbd+unix:///?socket={socket_path}"
-    else:
-        listener, uri = ["--port", str(port), "--ipaddr", bind], f"nbd://{bind}:{port}/"
-
-    child = _spawn_nbdkit(image, header, key, listener, readonly, params)
+    banner = (f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, {size} bytes) "
+              f"at {listener.uri}")
     try:
-        with _forwarded_signals(child) as stopping:
-            if _wait_ready(child, socket_path, bind, port):
-                log(f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, "
-                    f"{size} bytes) at {uri}", flush=True)
-            status = _supervise(child, stopping)
+        key_fd = _key_pipe(key)
+        status = trio.run(_supervise, nbdkit_command(image, header, key_fd, listener, readonly, params),
+                          key_fd, listener, _Reporter(banner, notify, log))
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        if socket_path is not None:
-            Path(socket_path).unlink(missing_ok=True)
+        listener.close()
     if not readonly and not is_uri(image):
         _sync(image)
     return status
 
 
-def _spawn_nbdkit(image, header, key, listener, readonly, params):
-    """Start nbdkit with the master key in a pipe it inherits; wipe our copy."""
+@dataclass
+class _Reporter:
+    """Where serve's state goes: the banner on stdout, sd_notify, one-line logs on stderr."""
+
+    banner: str
+    notify: Notifier
+    log: object
+    stopping: bool = False
+    failure: str | None = None
+
+    def ready(self, listener):
+        self.log(self.banner, flush=True)
+        self.notify("READY=1", f"STATUS=serving at {listener.uri}")
+
+    def stop(self, signum):
+        self.stopping = True
+        self.notify("STOPPING=1", f"STATUS=stopping on {signal.Signals(signum).name}")
+        print(f"nbdcrypt: {signal.Signals(signum).name}: stopping nbdkit", file=sys.stderr, flush=True)
+
+
+async def _supervise(cmd, key_fd, listener, report):
+    """Run nbdkit until it exits; its exit status, or NbdcryptError if it died unasked."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        process = _spawn(cmd, key_fd, listener)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, process, report)
+                nursery.start_soon(_announce_when_ready, listener, report, nursery.cancel_scope)
+                await _wait(process)
+                nursery.cancel_scope.cancel()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                process.wait()
+    cause = _exit_cause(process.returncode)
+    if report.failure:
+        raise NbdcryptError(report.failure)
+    if not report.stopping:
+        raise NbdcryptError(f"nbdkit exited unexpectedly ({cause})")
+    print(f"nbdcrypt: nbdkit stopped ({cause})", file=sys.stderr, flush=True)
+    return 0 if process.returncode == -signal.SIGKILL else process.returncode
+
+
+def _key_pipe(key):
+    """A pipe holding the master key for nbdkit to read; our copy of the key is wiped."""
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, key)
     finally:
         os.close(write_end)
-        key[:] = bytes(len(key))
-    cmd = nbdkit_command(image, header, read_end, listener, readonly, params)
-    old_umask = os.umask(0o077)  # the socket is for its owner only
+        keys.wipe(key)
+    return read_end
+
+
+def _spawn(cmd, key_fd, listener):
+    """Start nbdkit with the key pipe and the inherited listening sockets (under their
+    own numbers); umask 077 keeps the socket nbdkit creates to its owner.
+
+    Spawned from this (the main) thread on purpose: --exit-with-parent is the kernel's
+    parent-death signal, which fires when the *thread* that forked the child exits, and
+    trio.lowlevel.open_process forks from a worker thread that idles out in seconds."""
     try:
-        return subprocess.Popen(cmd, pass_fds=(read_end,), env=plugin_environment())
+        return subprocess.Popen(cmd, pass_fds=(*listener.fds, key_fd), env=plugin_environment(listener),
+                                umask=0o077)
     finally:
-        os.umask(old_umask)
-        os.close(read_end)
+        os.close(key_fd)
 
 
-@contextmanager
-def _forwarded_signals(child):
-    """Forward SIGTERM/SIGINT/SIGHUP to nbdkit; yield a list that records when the first came."""
-    stopping = []
-
-    def forward(signum, frame):
-        stopping.append(time.monotonic())
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+async def _wait(process):
+    """Wait for the child without a thread: its pidfd turns readable when it exits."""
+    pidfd = os.pidfd_open(process.pid)
     try:
-        yield stopping
+        await trio.lowlevel.wait_readable(pidfd)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        os.close(pidfd)
+    return process.wait()
 
 
-def _supervise(child, stopping):
-    """Wait for nbdkit to exit.  Told to stop, nbdkit finishes in-flight requests but
-    then waits for idle clients to hang up; after STOP_GRACE seconds we stop waiting."""
-    while True:
+async def _stop_on_signal(signals, process, report):
+    """On the first stop signal, ask nbdkit to stop; drop idle clients after STOP_GRACE."""
+    async for signum in signals:
+        report.stop(signum)
+        break
+    process.send_signal(signal.SIGTERM)
+    await trio.sleep(STOP_GRACE)
+    process.kill()
+
+
+async def _announce_when_ready(listener, report, scope):
+    """Report readiness once the listener answers NBD; give up after READY_TIMEOUT."""
+    with trio.move_on_after(READY_TIMEOUT) as waiting:
+        while not await _answers_nbd(listener):
+            await trio.sleep(0.02)
+    if waiting.cancelled_caught:
+        report.failure = f"nbdkit did not start answering within {READY_TIMEOUT:.0f} s"
+        scope.cancel()
+        return
+    listener.grant_access()
+    report.ready(listener)
+
+
+async def _answers_nbd(listener):
+    """Whether the listener sends the fixed-newstyle greeting; leave politely with NBD_OPT_ABORT."""
+    sock = trio.socket.socket(listener.family, socket.SOCK_STREAM)
+    with sock:
         try:
-            return child.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            if stopping and time.monotonic() - stopping[0] > STOP_GRACE:
-                child.kill()
-                child.wait()
-                return 0
+            with trio.fail_after(5):
+                await sock.connect(listener.address)
+                greeting = b""
+                while len(greeting) < 18:
+                    chunk = await sock.recv(18 - len(greeting))
+                    if not chunk:
+                        return False
+                    greeting += chunk
+                if greeting[:16] != b"NBDMAGICIHAVEOPT":
+                    return False
+                await sock.send(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE) + b"IHAVEOPT" +
+                                struct.pack(">II", NBD_OPT_ABORT, 0))
+                return True
+        except (OSError, trio.TooSlowError):
+            return False
+
+
+def _exit_cause(status):
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
 
 
 def _sync(image):
@@ -172,40 +267,3 @@ def _sync(image):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _wait_ready(child, socket_path, bind, port):
-    """Wait until the listener answers NBD; False if nbdkit died first."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            return False
-        try:
-            if socket_path is not None:
-                sock = socket.socket(socket.AF_UNIX)
-                sock.connect(str(socket_path))
-            else:
-                sock = socket.create_connection((bind, port))
-            with sock:
-                sock.settimeout(5)
-                if _nbd_greeting_then_abort(sock):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.02)
-    child.terminate()
-    raise NbdcryptError(f"nbdkit did not start answering within {READY_TIMEOUT:.0f} s")
-
-
-def _nbd_greeting_then_abort(sock):
-    """Read the fixed-newstyle greeting, then leave politely with NBD_OPT_ABORT."""
-    greeting = b""
-    while len(greeting) < 18:
-        chunk = sock.recv(18 - len(greeting))
-        if not chunk:
-            return False
-        greeting += chunk
-    if greeting[:16] != b"NBDMAGICIHAVEOPT":
-        return False
-    sock.sendall(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE) + b"IHAVEOPT" + struct.pack(">II", NBD_OPT_ABORT, 0))
-    return True

@@ -1,0 +1,136 @@
+"""Where nbdkit listens: a Unix socket (the default, mode 0600), TCP (only with TLS unless
+told otherwise), or the sockets systemd passed us (socket activation, sd_listen_fds(3)).
+"""
+
+import grp
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+SD_LISTEN_FDS_START = 3
+DEFAULT_BIND = "127.0.0.1"
+# nbdkit takes inherited sockets only if LISTEN_PID is its own pid: set it in a shell that then
+# becomes nbdkit.
+SET_LISTEN_PID = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"']
+
+
+@dataclass
+class Listener:
+    family: int
+    address: object  # what a client connects to: a path or (host, port)
+    nbdkit_args: tuple = ()
+    fds: tuple = ()  # inherited listening sockets, handed to nbdkit under the same numbers
+    socket_path: Path | None = None  # a socket nbdkit creates: ours to chmod and remove
+    gid: int | None = None
+    tls: bool = False
+
+    @property
+    def uri(self):
+        scheme = "nbds" if self.tls else "nbd"
+        if self.family == socket.AF_UNIX:
+            return f"{scheme}+unix:///?socket={self.address}"
+        host, port = self.address[:2]
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    @property
+    def launcher(self):
+        return SET_LISTEN_PID if self.fds else []
+
+    @property
+    def environment(self):
+        return {"LISTEN_FDS": str(len(self.fds))} if self.fds else {}
+
+    def grant_access(self):
+        """Once nbdkit made the socket (under umask 077): 0600, or 0660 for ``--socket-group``."""
+        if self.socket_path is None:
+            return
+        if self.gid is not None:
+            os.chown(self.socket_path, -1, self.gid)
+        os.chmod(self.socket_path, 0o600 if self.gid is None else 0o660)
+
+    def close(self):
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
+        for fd in self.fds:
+            os.close(fd)
+
+
+def choose_listener(args, image):
+    """The listener the options (or systemd) ask for; InputError for TCP without TLS
+    (unless ``--insecure-tcp``) and for a socket path already in use."""
+    inherited = _inherited_sockets()
+    if inherited:
+        listener = _inherited(inherited)
+    elif args.port is not None:
+        bind = args.bind or DEFAULT_BIND
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        listener = Listener(family, (bind, args.port), ("--port", str(args.port), "--ipaddr", bind))
+    else:
+        listener = _unix(Path(os.path.abspath(args.socket)) if args.socket else default_socket(image),
+                         args.socket_group)
+    tls = _tls_args(args)
+    if listener.family != socket.AF_UNIX and not tls and not args.insecure_tcp:
+        raise InputError("TCP without TLS sends the plaintext to the network: give --tls-psk FILE or "
+                         "--tls-certificates DIR (or --insecure-tcp)")
+    listener.nbdkit_args += tls
+    listener.tls = bool(tls)
+    return listener
+
+
+def default_socket(image):
+    """A per-image socket path in a 0700 runtime directory: systemd's RuntimeDirectory=, or ours."""
+    if "RUNTIME_DIRECTORY" in os.environ:
+        directory = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+    elif "XDG_RUNTIME_DIR" in os.environ:
+        directory = Path(os.environ["XDG_RUNTIME_DIR"], "nbdcrypt")
+    else:
+        directory = Path("/run/nbdcrypt" if os.geteuid() == 0 else f"/tmp/nbdcrypt-{os.getuid()}")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = re.sub(r"[^\w.-]", "_", Path(image).name)  # a URI's last part may hold anything
+    return directory / f"{name}.sock"
+
+
+def _unix(path, group=None):
+    if path.exists():
+        raise InputError(f"{path}: socket already exists (another server running?)")
+    return Listener(socket.AF_UNIX, str(path), ("--unix", str(path)), socket_path=path, gid=_gid(group))
+
+
+def _gid(group):
+    if group is None:
+        return None
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InputError(f"no such group: {group}") from None
+
+
+def _tls_args(args):
+    if args.tls_psk and args.tls_certificates:
+        raise InputError("give --tls-psk or --tls-certificates, not both")
+    if args.tls_psk:
+        return ("--tls=require", f"--tls-psk={os.path.abspath(args.tls_psk)}")
+    if args.tls_certificates:
+        return ("--tls=require", f"--tls-certificates={os.path.abspath(args.tls_certificates)}")
+    return ()
+
+
+def _inherited_sockets():
+    """The descriptors systemd passed to this process; the variables are taken out of the
+    environment (as sd_listen_fds(1) does) so no other child mistakes them for its own."""
+    pid, count = os.environ.pop("LISTEN_PID", None), os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or not count:
+        return ()
+    return tuple(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+
+
+def _inherited(fds):
+    """A listener on systemd's sockets, probed through the first one's address."""
+    with socket.socket(fileno=os.dup(fds[0])) as first:
+        family, address = first.family, first.getsockname()
+    return Listener(family, address, fds=fds)
