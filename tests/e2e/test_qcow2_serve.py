@@ -44,3 +44,19 @@ def test_format_qcow2_makes_images_qemu_accepts(tmp_path, key_file):
     info = json.loads(run(["qemu-img", "info", "--output=json"] + qemu_opts(image, key_file)).stdout)
     assert info["virtual-size"] == 8 << 20 and info["cluster-size"] == 4096
     assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+
+
+def test_fio_verify_on_a_served_qcow2_then_qemu_check(tmp_path, key_file):
+    """Heavy allocating writes (4 KiB clusters, so the tables and refcounts grow), then QEMU."""
+    require("fio", "qemu-img")
+    image = tmp_path / "fio.qcow2"
+    run(nbdcrypt_cmd() + ["format", "--type", "qcow2", str(image), "32M", "--key-file", str(key_file),
+                          "--iter-time", "10", "--cluster-size", "4K"])
+    with serving(image, key_file) as uri:
+        result = run(["fio", "--name=qcow2", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                      "--bssplit=4k/50:12k/30:64k/20", "--size=12M", "--numjobs=2", "--offset_increment=16M",
+                      "--iodepth=8", "--verify=crc32c", "--verify_fatal=1", "--output-format=json"], cwd=tmp_path)
+    jobs = json.loads(result.stdout[result.stdout.index("{"):])["jobs"]
+    assert all(job["error"] == 0 and job["read"]["io_bytes"] > 0 for job in jobs)
+    check = json.loads(run(["qemu-img", "check", "--output=json"] + qemu_opts(image, key_file)).stdout)
+    assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0 and check.get("check-errors", 0) == 0
