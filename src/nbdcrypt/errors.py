@@ -9,10 +9,16 @@ import errno as _errno
 
 
 class NbdcryptError(Exception):
-    """Base of every error nbdcrypt raises on purpose."""
+    """Base of every error nbdcrypt raises on purpose.
+
+    Messages often quote what a header says; a hostile header may say anything, so
+    control characters are escaped and every message stays one line."""
 
     errno = _errno.EIO
     exit_status = 1
+
+    def __init__(self, message=""):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 class InputError(NbdcryptError):

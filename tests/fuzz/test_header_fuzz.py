@@ -1,4 +1,4 @@
-"""Structure-aware fuzzing of the header parsers: whatever the bytes, only nbdcrypt's
+"""Structure-aware fuzzing of the header parsers (LUKS1, LUKS2 JSON, qcow2 header and tables): whatever the bytes, only nbdcrypt's
 own clear errors come out, quickly, without allocating by an unchecked field.
 
 Each case starts from a valid header and rewrites fields with hostile values (or
@@ -6,7 +6,9 @@ flips bytes), then opens it with the same entry point the server uses.
 NBDCRYPT_FUZZ_EXAMPLES raises the case count for the long run (docs/reliability.md).
 """
 
+import hashlib
 import io
+import json
 import os
 import struct
 import tracemalloc
@@ -18,6 +20,8 @@ from hypothesis import strategies as st
 from nbdcrypt.errors import NbdcryptError
 from nbdcrypt.formats import open_header
 from nbdcrypt.formats.luks1 import format_luks1
+from nbdcrypt.formats.luks2 import format_luks2
+from nbdcrypt.formats.luks2.binary import BINARY_SIZE, CSUM_OFFSET, CSUM_SIZE
 from nbdcrypt.plugin.store import FileStore
 from tests.tools import require, run
 
@@ -140,3 +144,64 @@ def test_qcow2_tables(qcow2_image, tmp_path_factory, flips):
     for offset, mask in flips:
         image[offset] ^= mask
     open_and_read(bytes(image), tmp_path_factory.getbasetemp())
+
+
+# -- LUKS2: hostile values anywhere in the JSON metadata, with valid checksums -----------
+
+hostile_json = st.one_of(
+    st.sampled_from([None, True, 0, -1, 2**64, "", "-1", "0", "18446744073709551616", "dynamic", "auto",
+                     "aes-xts-plain64", "argon2id", "pbkdf2", "sha1", "luks2", "crypt", [], {}, ["0"]]),
+    st.integers(-2**70, 2**70), st.text(max_size=40))
+
+
+@pytest.fixture(scope="module")
+def luks2_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "luks2.img"
+    format_luks2(path, 1 << 20, b"fuzz", pbkdf="pbkdf2", pbkdf_iterations=1000, sector_size=512)
+    return path.read_bytes()
+
+
+def json_paths(node, path=()):
+    """Every place in the metadata a value can be replaced: object members and list items."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield path + (key,)
+        yield from json_paths(child, path + (key,))
+
+
+def with_json(image, mutate):
+    """Both header copies with ``mutate(doc)`` applied to their JSON and checksums redone,
+    so the parser gets past the checksum to the metadata checks."""
+    image = bytearray(image)
+    hdr_size = int.from_bytes(image[8:16], "big")
+    for copy in (0, hdr_size):
+        area = slice(copy + BINARY_SIZE, copy + hdr_size)
+        doc = json.loads(bytes(image[area]).rstrip(b"\0"))
+        mutate(doc)
+        text = json.dumps(doc).encode()[:hdr_size - BINARY_SIZE]
+        image[area] = text.ljust(hdr_size - BINARY_SIZE, b"\0")
+        image[copy + CSUM_OFFSET:copy + CSUM_OFFSET + CSUM_SIZE] = bytes(CSUM_SIZE)
+        digest = hashlib.sha256(image[copy:copy + hdr_size]).digest()
+        image[copy + CSUM_OFFSET:copy + CSUM_OFFSET + len(digest)] = digest
+    return bytes(image)
+
+
+@FUZZ
+@given(changes=st.lists(st.tuples(st.integers(0, 10**6), hostile_json), min_size=1, max_size=3))
+def test_luks2_json(luks2_image, changes):
+    hdr_size = int.from_bytes(luks2_image[8:16], "big")
+    paths = sorted(json_paths(json.loads(luks2_image[BINARY_SIZE:hdr_size].rstrip(b"\0"))), key=repr)
+
+    def mutate(doc):
+        for index, value in changes:
+            path = paths[index % len(paths)]
+            try:
+                node = doc
+                for key in path[:-1]:
+                    node = node[key]
+                node[path[-1]]  # noqa: B018 - exists? (an earlier change may have replaced the branch)
+                node[path[-1]] = value
+            except (KeyError, IndexError, TypeError):
+                pass
+
+    parse(with_json(luks2_image, mutate))

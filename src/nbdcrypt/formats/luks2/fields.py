@@ -39,7 +39,7 @@ def u64(parent, key, where):
 def b64(parent, key, where, max_len=512):
     try:
         value = base64.b64decode(text(parent, key, where), validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: not ASCII
         raise FormatError(f"{where}: {key} is not base64") from None
     if not value or len(value) > max_len:
         raise FormatError(f"{where}: {key} has {len(value)} bytes")

@@ -319,7 +319,10 @@ def _backing_name(cluster, offset, size, name):
         return None
     if size > MAX_BACKING_NAME or offset + size > len(cluster):
         raise FormatError(f"{name}: backing file name at {offset} ({size} bytes) is out of range")
-    return _text(cluster[offset:offset + size], "backing file name", name)
+    backing = _text(cluster[offset:offset + size], "backing file name", name)
+    if "\0" in backing or not backing:
+        raise FormatError(f"{name}: the backing file name is empty or holds a NUL byte")
+    return backing
 
 
 def _text(raw, label, name):
