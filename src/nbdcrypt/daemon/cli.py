@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import InputError, NbdcryptError
 from ..formats.luks_common import create_file
 from . import config, ctl, keys
+from .headers import read_header
 
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -303,16 +304,6 @@ def open_image(path, mode="rb"):
         raise InputError(f"{path}: is a directory") from None
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
-
-
-def read_header(f, path):
-    """The header, its warnings (a damaged copy) printed as one line each."""
-    from ..formats import open_header
-
-    header = open_header(f, path)
-    for warning in getattr(header, "warnings", ()):  # LUKS2: a damaged or stale copy
-        print(f"nbdcrypt: warning: {warning}", file=sys.stderr)
-    return header
 
 
 def run_info(args):

@@ -24,11 +24,11 @@ import trio
 
 from .. import plugin
 from ..errors import InputError, NbdcryptError
-from ..formats import open_header
 from ..plugin.export import header_file
 from ..plugin.queueing import Settings
 from ..plugin.store import is_uri, open_store
 from . import config, ctl, keys
+from .headers import read_header
 from .listener import choose_listener
 from .notify import Notifier
 
@@ -77,7 +77,7 @@ def unlock(image, header_path, passphrase, readonly):
     store = open_store(image, readonly)
     try:
         with header_file(image, header_path, store) as f:
-            header = open_header(f, header_path or image)
+            header = read_header(f, header_path or image)
             return header, keys.lock(header.unlock(passphrase, f)), header.payload_size(store.size())
     finally:
         store.close()
