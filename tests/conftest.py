@@ -47,6 +47,27 @@ def qemu_luks_create(image, key_file, size="16M", **opts):
     return Path(image)
 
 
+def nbdcrypt_luks1(image, key_file, size, iter_time=10):
+    """A LUKS1 image made by ``nbdcrypt format``, cheap to unlock unless told otherwise."""
+    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(image), str(size), "--key-file", str(key_file),
+                          "--iter-time", str(iter_time)])
+    return Path(image)
+
+
+@contextmanager
+def tmpfs(mountpoint, size):
+    """A tmpfs of ``size`` at ``mountpoint`` (skips the test where it cannot be mounted)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    Path(mountpoint).mkdir(exist_ok=True)
+    if run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield Path(mountpoint)
+    finally:
+        run(["umount", str(mountpoint)])
+
+
 def qemu_write(image, key_file, raw):
     """Encrypt the raw file into ``image`` with QEMU's LUKS driver."""
     run(["qemu-img", "convert", "-n", "-f", "raw", str(raw), "--target-image-opts",

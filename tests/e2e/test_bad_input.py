@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import PASSPHRASE, qemu_luks_create, sha256_file
+from tests.conftest import PASSPHRASE, qemu_luks_create, sha256_file, tmpfs
 from tests.tools import nbdcrypt_cmd, run, write_key
 
 # LUKS1 header field offsets (big-endian), from the LUKS1 on-disk specification.
@@ -118,20 +118,12 @@ def test_format_refuses_to_overwrite(image, key_file):
 
 def test_read_only_image_needs_readonly(image, key_file, tmp_path):
     """On a read-only filesystem serve says so (and --readonly works)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ro)], check=False).returncode:
-        pytest.skip("cannot mount tmpfs here")
-    try:
+    with tmpfs(tmp_path / "ro", "16m") as ro:
         copy = ro / "img"
         copy.write_bytes(image.read_bytes())
         run(["mount", "-o", "remount,ro", str(ro)])
         args = ["serve", copy, "--key-file", key_file, "--socket", tmp_path / "ro.sock"]
         expect_failure(args, "read-only; pass --readonly", [copy])
-    finally:
-        run(["umount", str(ro)])
 
 
 def test_usage_errors_exit_2():

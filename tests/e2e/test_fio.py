@@ -2,15 +2,14 @@
 
 import json
 
-from tests.conftest import serving
-from tests.tools import nbdcrypt_cmd, require, run
+from tests.conftest import nbdcrypt_luks1, serving
+from tests.tools import require, run
 
 
 def test_fio_verify_crc32c(tmp_path, key_file):
     require("fio")
     image = tmp_path / "fio.img"
-    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(image), "64M", "--key-file", str(key_file),
-                          "--iter-time", "10"])
+    nbdcrypt_luks1(image, key_file, "64M")
     with serving(image, key_file) as uri:
         result = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
                       "--bssplit=4k/50:64k/30:1m/20", "--size=24M", "--iodepth=8", "--numjobs=2",

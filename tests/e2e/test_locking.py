@@ -5,15 +5,14 @@ import time
 
 import pytest
 
-from tests.conftest import serving
+from tests.conftest import nbdcrypt_luks1, serving
 from tests.tools import nbdcrypt_cmd, require, run
 
 
 @pytest.fixture
 def image(tmp_path, key_file):
     path = tmp_path / "img"
-    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(path), "8M", "--key-file", str(key_file),
-                          "--iter-time", "10"])
+    nbdcrypt_luks1(path, key_file, "8M")
     return path
 
 

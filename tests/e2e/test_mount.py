@@ -9,8 +9,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.conftest import serving
-from tests.tools import nbdcrypt_cmd, require, run
+from tests.conftest import nbdcrypt_luks1, serving
+from tests.tools import require, run
 
 
 @contextmanager
@@ -62,8 +62,7 @@ def test_filesystem_survives_a_restart(tmp_path, key_file):
     if not Path("/dev/fuse").exists():
         pytest.skip("no /dev/fuse on this machine")
     image = tmp_path / "disk.img"
-    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(image), "64M", "--key-file", str(key_file),
-                          "--iter-time", "10"])
+    nbdcrypt_luks1(image, key_file, "64M")
     files = {f"dir{i}/file{i}.bin": os.urandom(100_000 * (i + 1)) for i in range(5)}
 
     with serving(image, key_file) as uri, attached(uri, tmp_path) as device:

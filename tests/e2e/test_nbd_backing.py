@@ -11,9 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import nbd_backing, qemu_luks_create, qemu_write, random_file, serving
+from tests.conftest import nbdcrypt_luks1, nbd_backing, qemu_luks_create, qemu_write, random_file, serving
 from tests.tools import nbdcrypt_cmd, require, run
 
 
@@ -79,8 +77,7 @@ def test_backing_server_restarts_during_fio_verify(tmp_path, key_file):
     """Requests in flight when the backing nbdkit dies are retried after it comes back."""
     require("nbdkit", "fio")
     image = tmp_path / "img"
-    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(image), "64M", "--key-file", str(key_file),
-                          "--iter-time", "10"])
+    nbdcrypt_luks1(image, key_file, "64M")
     backing_sock = tmp_path / "backing.sock"
 
     def start_backing():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSPHRASE, qemu_luks_create, qemu_luks_opts, qemu_write, random_file, serving, sha256_file
+from tests.conftest import nbdcrypt_luks1, PASSPHRASE, qemu_luks_create, qemu_luks_opts, qemu_write, random_file, serving, sha256_file
 from tests.tools import nbdcrypt_cmd, require, run
 
 QEMU_SPECS = {
@@ -154,8 +154,7 @@ def test_readonly_export_refuses_writes_and_leaves_image_alone(image, key_file, 
 def test_key_derived_once_per_daemon_not_per_connection(tmp_path, key_file, nbd_handle):
     """An image whose PBKDF2 takes ~2 s to unlock still accepts new clients at once."""
     image = tmp_path / "slow.img"
-    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(image), "4M", "--key-file", str(key_file),
-                          "--iter-time", "2000"])
+    nbdcrypt_luks1(image, key_file, "4M", iter_time=2000)
     with serving(image, key_file) as uri:
         nbd_handle(uri)
         start = time.monotonic()

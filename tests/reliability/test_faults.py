@@ -2,32 +2,24 @@
 serving, and the image stays consistent."""
 
 import errno
-import os
 
 import pytest
 
-from tests.conftest import nbd_backing, serving
-from tests.tools import nbdcrypt_cmd, require, run
+from tests.conftest import nbd_backing, nbdcrypt_luks1, serving, tmpfs
+from tests.tools import require
 
 nbd = pytest.importorskip("nbd", reason="needs python3-libnbd")
 
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    run(["umount", str(mnt)])
+    with tmpfs(tmp_path / "tmpfs", "6m") as mnt:
+        yield mnt
 
 
 def test_full_filesystem_gives_enospc_and_keeps_serving(small_tmpfs, key_file, nbd_handle):
     image = small_tmpfs / "img"
-    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(image), "16M", "--key-file", str(key_file),
-                          "--iter-time", "10"])  # sparse: 2 MiB header on a 6 MiB filesystem
+    nbdcrypt_luks1(image, key_file, "16M")  # sparse: 2 MiB header on a 6 MiB filesystem
     with serving(image, key_file, socket_path=small_tmpfs.parent / "s.sock") as uri:
         h = nbd_handle(uri)
         with pytest.raises(nbd.Error) as full:
@@ -43,8 +35,7 @@ def test_full_filesystem_gives_enospc_and_keeps_serving(small_tmpfs, key_file, n
 def test_io_errors_reach_the_client_as_eio_and_pass(tmp_path, key_file, nbd_handle):
     require("nbdkit")
     image = tmp_path / "img"
-    run(nbdcrypt_cmd() + ["format", "--type", "luks1", str(image), "8M", "--key-file", str(key_file),
-                          "--iter-time", "10"])
+    nbdcrypt_luks1(image, key_file, "8M")
     trigger = tmp_path / "fail-now"
     with nbd_backing(image, "--filter=error", "file", str(image), "error=EIO", "error-rate=100%",
                      f"error-file={trigger}") as backing:
