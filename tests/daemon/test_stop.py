@@ -41,3 +41,19 @@ def test_sigterm_during_writes_keeps_every_acknowledged_write(tmp_path, image, k
         h = nbd_handle(uri)
         for block, data in acknowledged.items():
             assert h.pread(BLOCK, block * BLOCK) in (data, in_flight[block]), f"block {block}"
+
+
+def test_second_signal_drops_idle_clients_at_once(tmp_path, image, key_file, nbd_handle):
+    from nbdcrypt.daemon.serve import STOP_GRACE
+    with daemon(image, "--key-file", key_file, "--socket", tmp_path / "s.sock") as (proc, uri):
+        idle = nbd_handle(uri)  # keeps nbdkit waiting after the first SIGTERM
+        assert idle.pread(512, 0) is not None
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None, "an idle client should hold the stop for the grace period"
+        second = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        waited = time.monotonic() - second
+    assert "second SIGINT: dropping clients now" in proc.stderr_text
+    assert waited < STOP_GRACE - 0.5, f"took {waited:.1f} s: the second signal did not cut the grace period"

@@ -6,7 +6,7 @@ supervised by one trio nursery: a readiness probe (an NBD greeting, then
 NBD_OPT_ABORT) that reports "serving" and READY=1, a signal receiver that turns
 SIGTERM/SIGINT/SIGHUP into a graceful stop, and the wait for nbdkit's exit.  On a
 stop nbdkit finishes in-flight requests but would wait for idle clients forever:
-after STOP_GRACE seconds they are dropped.  The image is fsynced before a clean
+after STOP_GRACE seconds (or on a second stop signal) they are dropped.  The image is fsynced before a clean
 stop is reported.  If nbdkit dies unasked, serve exits 1 with the reason.
 """
 
@@ -150,6 +150,9 @@ class _Reporter:
         self.notify("STOPPING=1", f"STATUS=stopping on {signal.Signals(signum).name}")
         print(f"nbdcrypt: {signal.Signals(signum).name}: stopping nbdkit", file=sys.stderr, flush=True)
 
+    def hurry(self, signum):
+        print(f"nbdcrypt: second {signal.Signals(signum).name}: dropping clients now", file=sys.stderr, flush=True)
+
 
 async def _supervise(cmd, key_fd, listener, report):
     """Run nbdkit until it exits; its exit status, or NbdcryptError if it died unasked."""
@@ -210,12 +213,16 @@ async def _wait(process):
 
 
 async def _stop_on_signal(signals, process, report):
-    """On the first stop signal, ask nbdkit to stop; drop idle clients after STOP_GRACE."""
+    """On the first stop signal, ask nbdkit to stop; drop idle clients after STOP_GRACE,
+    or at once on a second stop signal (an impatient operator's second Ctrl-C)."""
     async for signum in signals:
         report.stop(signum)
         break
     process.send_signal(signal.SIGTERM)
-    await trio.sleep(STOP_GRACE)
+    with trio.move_on_after(STOP_GRACE):
+        async for signum in signals:
+            report.hurry(signum)
+            break
     process.kill()
 
 
