@@ -70,3 +70,10 @@ def cryptsetup_opens(image, key_file, *options):
     """Whether ``cryptsetup open --test-passphrase`` accepts the passphrase in ``key_file``."""
     return cryptsetup("open", "--test-passphrase", "--key-file", key_file, *options, image,
                       check=False).returncode == 0
+
+
+def psk_file(path, key):
+    """A TLS pre-shared key file for user alice, in psktool's format (as nbdkit and libnbd read it)."""
+    path.write_text(f"alice:{key.hex()}\n")
+    os.chmod(path, 0o600)
+    return path
