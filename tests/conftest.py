@@ -87,19 +87,24 @@ def random_file(path, size, seed=0):
 
 
 @contextmanager
-def nbd_backing(image, *plugin, socket_path=None):
+def nbd_backing(image, *plugin, socket_path=None, tls_psk=None):
     """A second nbdkit exporting the encrypted image as it is (default: the file
-    plugin), so nbdcrypt reads and writes it over NBD; yields that URI."""
+    plugin), so nbdcrypt reads and writes it over NBD; yields that URI.  With
+    ``tls_psk`` (a psktool file for user alice) it requires TLS: an nbds+unix URI."""
     require("nbdkit")
     socket_path = socket_path or Path(image).with_suffix(".backing.sock")
     plugin = plugin or ("file", str(image))
-    with subprocess.Popen(["nbdkit", "--foreground", "--unix", str(socket_path), *plugin]) as proc:
+    tls = ["--tls=require", f"--tls-psk={tls_psk}"] if tls_psk else []
+    with subprocess.Popen(["nbdkit", "--foreground", "--unix", str(socket_path), *tls, *plugin]) as proc:
         try:
             deadline = time.monotonic() + 30
             while not socket_path.exists():
                 assert proc.poll() is None and time.monotonic() < deadline, "backing nbdkit did not start"
                 time.sleep(0.02)
-            yield f"nbd+unix:///?socket={socket_path}"
+            if tls_psk:
+                yield f"nbds+unix://alice@/?socket={socket_path}&tls-psk-file={tls_psk}"
+            else:
+                yield f"nbd+unix:///?socket={socket_path}"
         finally:
             proc.terminate()
 

@@ -1,8 +1,9 @@
-"""Images behind another NBD server: over HTTP via nbdkit's curl plugin, and a
-backing server that dies and comes back in the middle of a verified fio run."""
+"""Images behind another NBD server: over HTTP via nbdkit's curl plugin, over TLS, and
+a backing server that dies and comes back in the middle of a verified fio run."""
 
 import http.server
 import json
+import os
 import re
 import signal
 import subprocess
@@ -11,8 +12,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import nbdcrypt_luks1, nbd_backing, qemu_luks_create, qemu_write, random_file, serving
-from tests.tools import nbdcrypt_cmd, require, run
+from tests.conftest import (nbdcrypt_luks1, nbd_backing, qemu_luks_create, qemu_luks_opts, qemu_write, random_file,
+                            serving)
+from tests.tools import nbdcrypt_cmd, psk_file, require, run
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -71,6 +73,27 @@ def test_read_only_image_over_http(tmp_path, key_file):
         with serving(backing, key_file, "--readonly", socket_path=tmp_path / "export.sock") as uri:
             run(["nbdcopy", uri, str(out)])
     assert out.read_bytes() == raw.read_bytes()
+
+
+def test_backing_server_over_tls(tmp_path, key_file):
+    """nbds+unix:// with a pre-shared key: QEMU's data reads back, ours decrypts in QEMU."""
+    require("nbdkit", "nbdcopy", "qemu-img")
+    image = qemu_luks_create(tmp_path / "img", key_file, "8M")
+    qemu_write(image, key_file, random_file(tmp_path / "before", 8 << 20, seed=3))
+    after = random_file(tmp_path / "after", 8 << 20, seed=4)
+    psk = psk_file(tmp_path / "psk", os.urandom(32))
+    with nbd_backing(image, tls_psk=psk) as backing:
+        with serving(backing, key_file, socket_path=tmp_path / "export.sock") as uri:
+            run(["nbdcopy", uri, str(tmp_path / "read")])
+            run(["nbdcopy", str(after), uri])
+        wrong = backing.replace(str(psk), str(psk_file(tmp_path / "wrong", os.urandom(32))))
+        refused = subprocess.run(nbdcrypt_cmd() + ["serve", wrong, "--key-file", str(key_file),
+                                                  "--socket", str(tmp_path / "no.sock")],
+                                 capture_output=True, text=True, timeout=60)
+    assert (tmp_path / "read").read_bytes() == (tmp_path / "before").read_bytes()
+    assert refused.returncode == 2 and "cannot connect" in refused.stderr, refused.stderr
+    run(["qemu-img", "convert", "-O", "raw", *qemu_luks_opts(image, key_file), str(tmp_path / "check")])
+    assert (tmp_path / "check").read_bytes() == after.read_bytes()
 
 
 def test_backing_server_restarts_during_fio_verify(tmp_path, key_file):

@@ -197,6 +197,7 @@ class NbdStore:
 
     def _connect(self, initial=False):
         h = self._nbd.NBD()
+        h.set_uri_allow_local_file(True)  # the operator's URI may name TLS files (tls-psk-file=)
         try:
             h.connect_uri(self.path)
         except self._nbd.Error as e:
