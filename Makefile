@@ -30,7 +30,8 @@ UNITDIR ?= /usr/local/lib/systemd/system
 install: deps
 	$(SYSTEM_PYTHON) -m venv --system-site-packages $(PREFIX)
 	$(PREFIX)/bin/pip install -q .
-	install -d $(PREFIX)/share/doc/nbdcrypt /etc/nbdcrypt && chmod 0700 /etc/nbdcrypt
+	install -d $(PREFIX)/share/doc/nbdcrypt
+	install -d -m 0700 /etc/nbdcrypt /var/lib/nbdcrypt
 	install -m 0644 docs/*.md $(PREFIX)/share/doc/nbdcrypt/
 	install -D -m 0644 -t $(UNITDIR) systemd/nbdcrypt@.service systemd/nbdcrypt@.socket
 	systemctl daemon-reload 2>/dev/null || true
