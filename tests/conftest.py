@@ -32,19 +32,21 @@ def sha256_file(path):
 
 def qemu_luks_create(image, key_file, size="16M", **opts):
     """A LUKS1 image made by qemu-img; opts are qemu's luks options (cipher_alg=aes-256 ...)."""
-    require("qemu-img")
     options = ",".join(["key-secret=s0", "iter-time=10"] + [f"{k.replace('_', '-')}={v}" for k, v in opts.items()])
-    cmd = ["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={key_file}",
-           "-o", options, str(image), size]
-    # QEMU's PBKDF2 calibration fails now and then with "Unable to get accurate CPU usage":
-    # it times 2^15 iterations by thread CPU time, which can read as 0 ms on a fast CPU
-    # (most often with sha1). Running it again succeeds.
+    qemu_img_create("-f", "luks", "--object", f"secret,id=s0,file={key_file}", "-o", options, image, size)
+    return Path(image)
+
+
+def qemu_img_create(*args):
+    """``qemu-img create -q ARGS``, retried while QEMU's PBKDF2 calibration fails with
+    "Unable to get accurate CPU usage": it times 2^15 iterations by thread CPU time, which
+    can read as 0 ms on a fast CPU (most often with sha1). Running it again succeeds."""
+    require("qemu-img")
     for _ in range(30):
-        result = run(cmd, check=False)
+        result = run(["qemu-img", "create", "-q", *map(str, args)], check=False)
         if "Unable to get accurate CPU usage" not in result.stderr:
             break
     assert result.returncode == 0, result.stderr
-    return Path(image)
 
 
 def nbdcrypt_luks1(image, key_file, size, iter_time=10):

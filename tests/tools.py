@@ -1,5 +1,7 @@
 """Helpers shared by the test suite: finding real tools, running them, making key files."""
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -77,3 +79,24 @@ def psk_file(path, key):
     path.write_text(f"alice:{key.hex()}\n")
     os.chmod(path, 0o600)
     return path
+
+
+# LUKS2 binary header (docs/on-disk-format-luks2): 4 KiB, SHA-256 checksum at 448 in a 64-byte field.
+LUKS2_BINARY_SIZE, LUKS2_CSUM_OFFSET, LUKS2_CSUM_SIZE = 4096, 448, 64
+
+
+def luks2_with_json(image, mutate):
+    """Both header copies with ``mutate(doc)`` applied to their JSON and checksums redone,
+    so the parser gets past the checksum to the metadata checks."""
+    image = bytearray(image)
+    hdr_size = int.from_bytes(image[8:16], "big")
+    for copy in (0, hdr_size):
+        area = slice(copy + LUKS2_BINARY_SIZE, copy + hdr_size)
+        doc = json.loads(bytes(image[area]).rstrip(b"\0"))
+        mutate(doc)
+        text = json.dumps(doc).encode()[:hdr_size - LUKS2_BINARY_SIZE]
+        image[area] = text.ljust(hdr_size - LUKS2_BINARY_SIZE, b"\0")
+        image[copy + LUKS2_CSUM_OFFSET:copy + LUKS2_CSUM_OFFSET + LUKS2_CSUM_SIZE] = bytes(LUKS2_CSUM_SIZE)
+        digest = hashlib.sha256(image[copy:copy + hdr_size]).digest()
+        image[copy + LUKS2_CSUM_OFFSET:copy + LUKS2_CSUM_OFFSET + len(digest)] = digest
+    return bytes(image)

@@ -29,7 +29,10 @@ class InputError(NbdcryptError):
 
 
 class FormatError(InputError):
-    """An image or header is not what it claims to be: bad magic, truncated, corrupt."""
+    """An image or header is not what it claims to be: bad magic, truncated, corrupt.
+    Found by a request (a corrupt table entry), it is the medium's fault: EIO."""
+
+    errno = _errno.EIO
 
 
 class UnsupportedError(InputError):

@@ -6,7 +6,6 @@ flips bytes), then opens it with the same entry point the server uses.
 NBDCRYPT_FUZZ_EXAMPLES raises the case count for the long run (docs/reliability.md).
 """
 
-import hashlib
 import io
 import json
 import os
@@ -21,9 +20,8 @@ from nbdcrypt.errors import NbdcryptError
 from nbdcrypt.formats import open_header
 from nbdcrypt.formats.luks1 import format_luks1
 from nbdcrypt.formats.luks2 import format_luks2
-from nbdcrypt.formats.luks2.binary import BINARY_SIZE, CSUM_OFFSET, CSUM_SIZE
 from nbdcrypt.plugin.store import FileStore
-from tests.tools import require, run
+from tests.tools import LUKS2_BINARY_SIZE, luks2_with_json, require, run
 
 EXAMPLES = int(os.environ.get("NBDCRYPT_FUZZ_EXAMPLES", "1500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=1000, suppress_health_check=[HealthCheck.too_slow],
@@ -169,28 +167,11 @@ def json_paths(node, path=()):
         yield from json_paths(child, path + (key,))
 
 
-def with_json(image, mutate):
-    """Both header copies with ``mutate(doc)`` applied to their JSON and checksums redone,
-    so the parser gets past the checksum to the metadata checks."""
-    image = bytearray(image)
-    hdr_size = int.from_bytes(image[8:16], "big")
-    for copy in (0, hdr_size):
-        area = slice(copy + BINARY_SIZE, copy + hdr_size)
-        doc = json.loads(bytes(image[area]).rstrip(b"\0"))
-        mutate(doc)
-        text = json.dumps(doc).encode()[:hdr_size - BINARY_SIZE]
-        image[area] = text.ljust(hdr_size - BINARY_SIZE, b"\0")
-        image[copy + CSUM_OFFSET:copy + CSUM_OFFSET + CSUM_SIZE] = bytes(CSUM_SIZE)
-        digest = hashlib.sha256(image[copy:copy + hdr_size]).digest()
-        image[copy + CSUM_OFFSET:copy + CSUM_OFFSET + len(digest)] = digest
-    return bytes(image)
-
-
 @FUZZ
 @given(changes=st.lists(st.tuples(st.integers(0, 10**6), hostile_json), min_size=1, max_size=3))
 def test_luks2_json(luks2_image, changes):
     hdr_size = int.from_bytes(luks2_image[8:16], "big")
-    paths = sorted(json_paths(json.loads(luks2_image[BINARY_SIZE:hdr_size].rstrip(b"\0"))), key=repr)
+    paths = sorted(json_paths(json.loads(luks2_image[LUKS2_BINARY_SIZE:hdr_size].rstrip(b"\0"))), key=repr)
 
     def mutate(doc):
         for index, value in changes:
@@ -204,4 +185,4 @@ def test_luks2_json(luks2_image, changes):
             except (KeyError, IndexError, TypeError):
                 pass
 
-    parse(with_json(luks2_image, mutate))
+    parse(luks2_with_json(luks2_image, mutate))

@@ -7,6 +7,7 @@ nbdcrypt errors become the errno the NBD client sees.
 import ctypes
 import errno
 import functools
+import traceback
 
 import nbdkit
 
@@ -23,6 +24,19 @@ _export = Export()
 # This process will hold the master key: no core dumps, no ptrace by our user's other
 # processes (exec reset what serve set for itself; RLIMIT_CORE 0 is inherited).
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+
+
+def _one_line_for_ours(*args, **kwargs):
+    """nbdkit logs a failed callback through traceback.format_exception; nbdcrypt's own
+    errors are one clear line by design (a corrupt table entry, a store gone away), so
+    they are logged as that line, not a stack."""
+    error = args[1] if len(args) > 1 else args[0]
+    if isinstance(error, NbdcryptError):
+        return [str(error)]
+    return _format_exception(*args, **kwargs)
+
+
+_format_exception, traceback.format_exception = traceback.format_exception, _one_line_for_ours
 
 
 def _errno_on_failure(callback):
