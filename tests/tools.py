@@ -33,6 +33,23 @@ def nbdcrypt_cmd():
     return [str(exe)] if exe.exists() else ["nbdcrypt"]
 
 
+def nbdcrypt(*args, check=True):
+    """Run ``nbdcrypt ARGS`` (any argument type) as a user would."""
+    return run(nbdcrypt_cmd() + [str(a) for a in args], check=check)
+
+
+def read_all(uri):
+    """The whole export at ``uri``, read with nbdcopy."""
+    require("nbdcopy")
+    return subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True).stdout
+
+
+def write_all(uri, path):
+    """Copy the file ``path`` onto the export at ``uri`` with nbdcopy."""
+    require("nbdcopy")
+    run(["nbdcopy", str(path), uri])
+
+
 def write_key(path, passphrase=b"correct horse battery staple"):
     """A passphrase file without a trailing newline, readable by qemu, cryptsetup and nbdcrypt."""
     Path(path).write_bytes(passphrase)

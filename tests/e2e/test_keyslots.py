@@ -4,7 +4,7 @@ checked by cryptsetup (and, for LUKS1, QEMU), bad input refused without a write.
 import pytest
 
 from tests.conftest import random_file, serving, sha256_file
-from tests.tools import FAST_PBKDF, cryptsetup, cryptsetup_opens, nbdcrypt_cmd, require, run, write_key
+from tests.tools import FAST_PBKDF, cryptsetup, cryptsetup_opens, nbdcrypt, require, run, write_key
 
 LAYOUTS = {
     "luks1": ["--type", "luks1"],
@@ -14,8 +14,6 @@ LAYOUTS = {
 }
 
 
-def nbdcrypt(*args, check=True):
-    return run(nbdcrypt_cmd() + [str(a) for a in args], check=check)
 
 
 @pytest.fixture(params=LAYOUTS)

@@ -149,8 +149,6 @@ CORRUPTIONS = [
      FormatError, "master key digest has 0 PBKDF2 iterations"),
     ("absurd mk digest iterations", lambda d: patched(d, MK_ITER, 0xFFFFFFFF),
      FormatError, "master key digest has 4294967295"),
-    ("payload past EOF", lambda d: d[: 4096 * 512 - 512],
-     FormatError, "payload offset 2097152 is past the end of the file"),
     ("payload over keyslots", lambda d: patched(d, PAYLOAD_OFFSET, 1000),
      FormatError, "keyslot 3 material .* overlaps the payload at sector 1000"),
     ("slot past EOF of a detached header", lambda d: patched(d, PAYLOAD_OFFSET, 0)[:1024 * 512],
@@ -225,3 +223,13 @@ def test_format_never_overwrites_or_leaves_debris(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         format_luks1(tmp_path / "new.img", PAYLOAD, PASSPHRASE, iter_time_ms=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img"]
+
+
+def test_payload_is_checked_against_the_data_file(image):
+    """A header file that ends before its payload reads: it may be detached, with a
+    data offset (cryptsetup --header --offset).  The payload must fit the data file."""
+    header = read(image[2][: 4096 * 512 - 512])
+    assert header.payload_size(4096 * 512 + 1024) == 1024
+    with pytest.raises(FormatError, match=r"^disk.img: payload offset 2097152 is past the end of the "
+                                          r"file \(2096640 bytes\)$"):
+        header.payload_size(4096 * 512 - 512)

@@ -4,10 +4,10 @@ A :class:`CipherSpec` only names things and checks key sizes; the sector-cipher
 engine (:mod:`nbdcrypt.crypto.engine`) does the work.  The same spec reads a
 LUKS1 header (``cipher_name`` + ``cipher_mode``) and a dm-crypt/LUKS2 string.
 
-Block ciphers: AES through OpenSSL (pyca/cryptography); the other 128-bit block
-ciphers dm-crypt users meet through Botan (Debian's python3-botan).  64-bit block
-ciphers (cast5, blowfish, des3_ede) are not supported: dm-crypt's IVs and XTS
-assume 16-byte blocks, and nothing else here does.
+Block ciphers: AES through OpenSSL (pyca/cryptography); the others dm-crypt users
+meet through Botan (Debian's python3-botan): the 128-bit serpent, twofish, camellia
+and sm4, and the 64-bit cast5 (QEMU's ``cast5-128``), which runs only in CBC and
+ECB: XTS is defined for 128-bit blocks, and the engine's CTR counts in them.
 """
 
 from dataclasses import dataclass
@@ -23,11 +23,16 @@ CIPHER_KEY_SIZES = {
     "twofish": (16, 24, 32),
     "camellia": (16, 24, 32),
     "sm4": (16,),
+    "cast5": (16,),  # dm-crypt takes 5-16 bytes, QEMU 16; Botan's CAST-128 11-16
 }
+# Block sizes in bytes other than 16.
+BLOCK_SIZES = {"cast5": 8}
+WIDE_BLOCK_MODES = ("xts", "ctr")  # supported with 128-bit blocks only
 MODES = ("xts", "cbc", "ecb", "ctr")
 IVS = ("plain64", "plain", "plain64be", "essiv", "benbi", "null")
 
-# ESSIV keys the block cipher with the digest, so only 16/24/32-byte digests fit.
+# ESSIV keys the block cipher with the whole digest (dm-crypt, cryptsetup and QEMU
+# alike), so only digests of one of the cipher's key sizes fit.
 ESSIV_HASHES = {
     "md5": hashes.MD5,
     "sha256": hashes.SHA256,
@@ -51,6 +56,12 @@ class CipherSpec:
         hash_ok = self.iv_hash in ESSIV_HASHES if self.iv == "essiv" else self.iv_hash is None
         if not (self.cipher in CIPHER_KEY_SIZES and self.mode in MODES and iv_ok and hash_ok):
             raise UnsupportedError(f"unsupported cipher {self}")
+        if self.block_size != 16 and self.mode in WIDE_BLOCK_MODES:
+            raise UnsupportedError(f"unsupported cipher {self}: {self.mode} works with 128-bit block "
+                                   f"ciphers only, and {self.cipher} has {8 * self.block_size}-bit blocks")
+        if self.iv == "essiv" and ESSIV_HASHES[self.iv_hash].digest_size not in CIPHER_KEY_SIZES[self.cipher]:
+            raise UnsupportedError(f"unsupported cipher {self}: ESSIV keys {self.cipher} with the "
+                                   f"digest, and a {self.iv_hash} digest is not a {self.cipher} key")
 
     @classmethod
     def parse(cls, spec: str) -> "CipherSpec":
@@ -58,13 +69,9 @@ class CipherSpec:
         cipher, _, rest = spec.partition("-")
         mode, _, ivspec = rest.partition("-")
         iv, _, iv_hash = ivspec.partition(":")
-        try:
-            parsed = cls(cipher, mode, iv, iv_hash or None)
-        except UnsupportedError:
-            raise UnsupportedError(f"unsupported cipher {spec}") from None
-        if str(parsed) != spec:  # stray separators, e.g. "aes-cbc-plain:"
+        if _join(cipher, mode, iv, iv_hash) != spec:  # stray separators, e.g. "aes-cbc-plain:"
             raise UnsupportedError(f"unsupported cipher {spec}")
-        return parsed
+        return cls(cipher, mode, iv, iv_hash or None)  # its errors name str(self), i.e. spec
 
     @classmethod
     def from_luks(cls, cipher_name: str, cipher_mode: str) -> "CipherSpec":
@@ -87,6 +94,11 @@ class CipherSpec:
             raise InputError(f"key size {8 * key_bytes} bits does not fit {self} ({allowed} bits)")
 
     @property
+    def block_size(self):
+        """The block cipher's block in bytes."""
+        return BLOCK_SIZES.get(self.cipher, 16)
+
+    @property
     def key_sizes(self):
         """The key sizes in bytes this spec accepts (XTS: both halves together)."""
         if self.mode != "xts":
@@ -96,7 +108,11 @@ class CipherSpec:
         return tuple(2 * n for n in CIPHER_KEY_SIZES[self.cipher])
 
     def __str__(self) -> str:
-        parts = [self.cipher, self.mode]
-        if self.iv:
-            parts.append(f"{self.iv}:{self.iv_hash}" if self.iv_hash else self.iv)
-        return "-".join(parts)
+        return _join(self.cipher, self.mode, self.iv, self.iv_hash)
+
+
+def _join(cipher, mode, iv, iv_hash):
+    parts = [cipher, mode]
+    if iv:
+        parts.append(f"{iv}:{iv_hash}" if iv_hash else iv)
+    return "-".join(parts)

@@ -93,8 +93,8 @@ def build_parser():
         "format", help="create a new encrypted image",
         description="Create IMAGE with a LUKS header and a payload of SIZE bytes (sparse), "
                     "compatible with cryptsetup (and, for LUKS1, qemu-img -f luks). With --header, "
-                    "only the header FILE is created; IMAGE is the data file, used from offset 0 and "
-                    "never written (created sparse if SIZE is given and it does not exist).")
+                    "only the header FILE is created; IMAGE is the data file, used from --offset (default 0) "
+                    "and never written (created sparse if SIZE is given and it does not exist).")
     fmt.add_argument("image", metavar="IMAGE", help="image file to create (with --header: the data file)")
     fmt.add_argument("size", metavar="SIZE", type=parse_size, nargs="?",
                      help="payload size: bytes or with K/M/G/T suffix (optional with --header)")
@@ -102,6 +102,9 @@ def build_parser():
                      help="on-disk format (default: %(default)s, as cryptsetup)")
     add_key_options(fmt)
     fmt.add_argument("--header", metavar="FILE", help="create a detached header in FILE")
+    fmt.add_argument("--offset", type=int, default=0, metavar="SECTORS",
+                     help="LUKS payload start in IMAGE (with --header: in the data file), in 512-byte "
+                          "sectors, a multiple of 8 (default: after the header; 0 with --header)")
     qcow2 = fmt.add_argument_group("qcow2 (--type qcow2; images qemu-img accepts)")
     qcow2.add_argument("--encrypt", choices=["luks", "aes"], default="luks",
                        help="qcow2 encryption (default: %(default)s)")
@@ -198,12 +201,12 @@ def run_format(args):
     size = data_size(args)
     key_bits = args.key_size or (512 if "-xts-" in args.cipher else 256)
     common = dict(cipher=args.cipher, key_bits=key_bits, hash_name=args.hash, iter_time_ms=args.iter_time,
-                  detached=args.header is not None)
+                  detached=args.header is not None, offset_sectors=args.offset)
     if args.type == "qcow2":
         from ..formats.qcow2 import create
 
-        if args.header:
-            raise InputError("qcow2 keeps its encryption header inside the image: no --header")
+        if args.header or args.offset:
+            raise InputError("qcow2 keeps its encryption header inside the image: no --header or --offset")
         if args.encrypt == "aes" and args.insecure_legacy_aes:
             from ..formats.qcow2.create import AES_WARNING
             print(f"nbdcrypt: warning: {AES_WARNING}", file=sys.stderr)
@@ -233,13 +236,14 @@ def run_format(args):
     finally:
         keys.wipe(passphrase)
     if args.header and not os.path.exists(args.image):
-        create_file(args.image, size, [])
+        create_file(args.image, args.offset * 512 + size, [])
     print(f"{target}: {header.info()['format']} {header.cipher_spec}, payload {size} bytes")
     return 0
 
 
 def data_size(args):
-    """SIZE, or with --header the existing data file's size; checked before any write."""
+    """SIZE, or with --header the existing data file's size from --offset; checked
+    before any write."""
     if args.header is None:
         if args.size is None:
             raise InputError("SIZE is required (except with --header and an existing data file)")
@@ -250,7 +254,11 @@ def data_size(args):
         return args.size
     if args.size is not None:
         raise InputError(f"{args.image}: data file exists; omit SIZE to use all of it")
-    return os.path.getsize(args.image)
+    data_bytes, offset_bytes = os.path.getsize(args.image), args.offset * 512
+    if data_bytes < offset_bytes:
+        raise InputError(f"{args.image}: data file ({data_bytes} bytes) ends before --offset "
+                         f"{args.offset} ({offset_bytes} bytes)")
+    return data_bytes - offset_bytes
 
 
 def run_keyslot(args):

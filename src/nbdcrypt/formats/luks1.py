@@ -66,8 +66,9 @@ class Keyslot:
 class Luks1Header(Payload):
     """A parsed, checked LUKS1 header.  ``name`` names the image in messages only.
 
-    A payload offset of 0 means a detached header (``cryptsetup --header``): the
-    file read holds only the header and keyslots, the payload is a separate file.
+    With a detached header (``cryptsetup --header``) the file read holds only the
+    header and keyslots, and the payload is in a separate data file, at the payload
+    offset (0 unless made with ``--offset``).
     """
 
     cipher_spec: CipherSpec
@@ -139,9 +140,9 @@ class Luks1Header(Payload):
 
     def check(self, file_size):
         """Sanity-check every field against itself and the size of the header's file,
-        like cryptsetup's LUKS_check_keyslots and nbdkit's luks filter.  A detached
-        header (payload offset 0) is checked against its data file when the volume
-        opens.  FormatError/UnsupportedError."""
+        like cryptsetup's LUKS_check_keyslots and nbdkit's luks filter.  The payload
+        is checked against the data file (this file unless the header is detached)
+        when the volume opens.  FormatError/UnsupportedError."""
         name = self.name
         if len(self.keyslots) != NUM_KEYSLOTS:
             raise FormatError(f"{name}: {len(self.keyslots)} keyslots, expected {NUM_KEYSLOTS}")
@@ -155,7 +156,6 @@ class Luks1Header(Payload):
             raise FormatError(
                 f"{name}: key size of {self.key_bytes} bytes does not fit {self.cipher_spec}") from None
         _check_iterations(self.mk_digest_iterations, "master key digest", name)
-        self.payload_size(file_size)  # attached: the payload is in this file
         # Every keyslot area, enabled or not, lies between the header and the payload,
         # inside the file, and apart from the others (areas sorted by offset).
         previous_end, previous = 0, None
@@ -350,20 +350,31 @@ def _round_up(n, multiple):
 
 
 def format_luks1(path, payload_size, passphrase, cipher="aes-xts-plain64", key_bits=256,
-                 hash_name="sha256", iter_time_ms=2000, iterations=None, detached=False):
+                 hash_name="sha256", iter_time_ms=2000, iterations=None, detached=False,
+                 offset_sectors=0):
     """Create a new LUKS1 image at ``path`` with ``payload_size`` bytes of (sparse) payload
     and keyslot 0 opened by ``passphrase``; returns its header.  ``detached``: ``path``
-    is a header file only, for a payload at offset 0 of a separate data file.
+    is a header file only, for a payload in a separate data file.  ``offset_sectors``
+    (cryptsetup's ``--offset``): where the payload starts, in the image or the data
+    file; 0 for cryptsetup's default (after the keyslots; detached, at 0).  A detached
+    header file then spans the offset, as cryptsetup makes it.
 
     Arguments are checked before anything is created, and the file appears whole or
     not at all (:func:`~nbdcrypt.formats.luks_common.create_file`).
     """
-    spec, key_bytes = check_format_args(path, cipher, key_bits, hash_name, payload_size, SECTOR_SIZE)
+    spec, key_bytes = check_format_args(path, cipher, key_bits, hash_name, payload_size, SECTOR_SIZE,
+                                        offset_sectors)
     if iter_time_ms <= 0:
         raise InputError(f"iteration time must be positive, not {iter_time_ms} ms")
 
-    offsets, payload_sector = layout(key_bytes)
-    file_size = payload_sector * SECTOR_SIZE + (0 if detached else payload_size)
+    offsets, aligned_end = layout(key_bytes)
+    keyslots_end = offsets[-1] + _keyslot_sectors(key_bytes)
+    if 0 < offset_sectors < keyslots_end:
+        raise InputError(f"data offset {offset_sectors} sectors is inside the LUKS1 header and keyslots "
+                         f"({keyslots_end} sectors)")
+    header_sectors = offset_sectors or aligned_end
+    payload_sector = 0 if detached and not offset_sectors else header_sectors
+    file_size = header_sectors * SECTOR_SIZE + (0 if detached else payload_size)
     master_key = bytearray(os.urandom(key_bytes))
     try:
         # Like cryptsetup, the digest's iteration count comes from the benchmark at the
@@ -371,7 +382,7 @@ def format_luks1(path, payload_size, passphrase, cipher="aes-xts-plain64", key_b
         mk_salt = os.urandom(SALT_SIZE)
         mk_iterations = pbkdf2_iterations(hash_name, MK_DIGEST_MS, key_bytes, MIN_ITERATIONS)
         empty = Luks1Header(
-            spec, hash_name, 0 if detached else payload_sector, key_bytes,
+            spec, hash_name, payload_sector, key_bytes,
             pbkdf2(hash_name, master_key, mk_salt, mk_iterations, DIGEST_SIZE), mk_salt, mk_iterations,
             str(uuid.uuid4()), tuple(Keyslot(False, 0, bytes(SALT_SIZE), o) for o in offsets), str(path))
         empty.check(file_size)

@@ -23,6 +23,7 @@ from nbdcrypt.plugin.volume import Volume
 
 STRIPES = 4000
 SECTOR = 512
+OFFSET_ALIGN = 8  # sectors: cryptsetup puts data at whole 4096 bytes
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def commit(f, writes):
         os.fsync(f.fileno())
 
 
-def check_format_args(path, cipher, key_bits, hash_name, payload_size, sector_size):
+def check_format_args(path, cipher, key_bits, hash_name, payload_size, sector_size, offset_sectors=0):
     """Check the arguments LUKS1 and LUKS2 formats share; ``(spec, key_bytes)``."""
     spec = CipherSpec.parse(cipher)
     if key_bits <= 0 or key_bits % 8:
@@ -86,6 +87,9 @@ def check_format_args(path, cipher, key_bits, hash_name, payload_size, sector_si
     if payload_size < 0 or payload_size % sector_size:
         raise InputError(f"payload size must be a non-negative multiple of {sector_size} bytes, "
                          f"not {payload_size}")
+    if offset_sectors < 0 or offset_sectors % OFFSET_ALIGN:
+        raise InputError(f"data offset must be a non-negative multiple of {OFFSET_ALIGN} sectors "
+                         f"(4096 bytes), not {offset_sectors}")
     if Path(path).exists():
         raise InputError(f"{path}: already exists")
     return spec, key_bits // 8
@@ -140,7 +144,11 @@ class Payload:
     """The plaintext volume of a LUKS header, shared by LUKS1 and LUKS2.  Subclasses
     give ``payload_offset``, ``fixed_payload_size`` (None: to the end of the data
     file), ``sector_size``, ``file_id`` (of the file the header was read from),
-    ``name`` and ``payload_cipher(key)``."""
+    ``name`` and ``payload_cipher(key)``.
+
+    A header cannot tell whether it is detached (``cryptsetup --header``, with or
+    without ``--offset``), so reading it checks only its own file; the payload is
+    checked here, against the data file, before any of it is served."""
 
     def open_volume(self, store, master_key):
         """The plaintext block device on the data file ``store``."""

@@ -130,7 +130,9 @@ class Luks2Header(Payload):
         return header
 
     def check_layout(self):
-        """Keyslot areas inside the keyslots area and the file, apart; segment after them."""
+        """Keyslot areas inside the keyslots area and the file, apart; segment after them
+        (or at 0, in a detached header's data file).  The segment is checked against the
+        data file, which only the volume knows, when the volume opens."""
         w = f"{self.name}: LUKS2"
         area_end = self.metadata_size + self.keyslots_size
         if self.keyslots_size % 4096 or area_end > self.file_size:
@@ -144,11 +146,9 @@ class Luks2Header(Payload):
             if previous and slot.offset < previous.offset + previous.size:
                 raise FormatError(f"{w} keyslot {slot.id} area overlaps keyslot {previous.id}")
             previous = slot
-        if self.payload_offset:
-            if self.payload_offset < area_end:
-                raise FormatError(f"{w} data offset {self.payload_offset} overlaps the keyslots area "
-                                  f"(ends at {area_end})")
-            self.payload_size(self.file_size)  # an attached header: the payload is in this file
+        if 0 < self.payload_offset < area_end:
+            raise FormatError(f"{w} data offset {self.payload_offset} overlaps the keyslots area "
+                              f"(ends at {area_end})")
 
     # -- keys ----------------------------------------------------------------------
 
