@@ -114,12 +114,15 @@ def qcow2_l1_into_header(tmp_path, key_file):
     return image
 
 
-def qcow2_l2_into_header(tmp_path, key_file):
-    image = qcow2(tmp_path, key_file)
-    l1, = get(image, QCOW2_L1_OFFSET, ">Q")
-    l2, = get(image, l1, ">Q")
-    put(image, l2 & ~COPIED, ">Q", COPIED | 0x200)
-    return image
+def qcow2_l2_entry(host):
+    """Guest cluster 0's L2 entry says its data is at ``host``."""
+    def make(tmp_path, key_file):
+        image = qcow2(tmp_path, key_file)
+        l1, = get(image, QCOW2_L1_OFFSET, ">Q")
+        l2, = get(image, l1, ">Q")
+        put(image, l2 & ~COPIED, ">Q", COPIED | host)
+        return image
+    return make
 
 
 def qcow2_backing_loop(tmp_path, key_file):
@@ -160,10 +163,14 @@ EVIL = [
      qcow2_field(QCOW2_SNAPSHOTS, ">I", 1 << 31), "snapshots is too many", "open"),
     ("qcow2-backing-name-past-end", "the backing file name lies past the end of the header cluster",
      qcow2_field(QCOW2_BACKING_OFFSET, ">QI", 1 << 40, 8), "backing file name at 1099511627776", "open"),
+    ("qcow2-backing-loop", "a.qcow2 -> c.qcow2 -> b.qcow2 -> a.qcow2",
+     qcow2_backing_loop, "backing chain loops back to", "serve"),
     ("qcow2-l1-into-header", "L1 entry 0 points into the header cluster",
      qcow2_l1_into_header, "L1 entry 0 (0x8000000000000200) is corrupt", "read"),
     ("qcow2-l2-into-header", "an L2 entry maps guest cluster 0 into the header cluster",
-     qcow2_l2_into_header, "guest cluster 0 maps to 0x200", "read"),
+     qcow2_l2_entry(0x200), "guest cluster 0 maps to 0x200", "read"),
+    ("qcow2-l2-onto-refcount-table", "an L2 entry maps guest cluster 0 onto the refcount table",
+     qcow2_l2_entry(0x10000), "guest cluster 0 maps to 0x10000, which holds the refcount table", "read"),
 ]
 
 

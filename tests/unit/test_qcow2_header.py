@@ -145,3 +145,95 @@ def test_create_refuses_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(InputError, match=message):
         create(tmp_path / "img.qcow2", MiB, PASSPHRASE, **kwargs)
     assert not (tmp_path / "img.qcow2").exists()
+
+
+# -- zstd clusters, the snapshot table, the metadata cache ------------------------------------
+
+def zstd_frame(data, content_size=True):
+    import zstandard
+
+    return zstandard.ZstdCompressor(write_content_size=content_size).compress(data)
+
+
+def test_zstd_clusters_decode_as_qemu_does():
+    """Frames until the cluster is full, whatever padding follows (here the start of
+    the next cluster's frame); skippable frames are stepped over."""
+    from nbdcrypt.formats.qcow2.compress import ZSTD, decompress
+
+    plain = bytes(range(256)) * 16
+    skippable = struct.pack("<II", 0x184D2A50, 3) + b"abc"
+    for data in (zstd_frame(plain) + zstd_frame(b"next cluster"),
+                 zstd_frame(plain[:1000]) + zstd_frame(plain[1000:], content_size=False) + bytes(7),
+                 skippable + zstd_frame(plain)):
+        assert decompress(data, 4096, ZSTD) == plain
+
+
+@pytest.mark.parametrize("data,message", [
+    (lambda: zstd_frame(bytes(4097)), "does not fit"),
+    (lambda: zstd_frame(bytes(1 << 30), content_size=False), "corrupt"),  # never inflated whole
+    (lambda: zstd_frame(bytes(4096))[:-2], "corrupt"),
+    (lambda: zstd_frame(bytes(100)), "holds 100 of 4096"),
+    (lambda: bytes(64), "corrupt"),
+])
+def test_bad_zstd_clusters(data, message):
+    from nbdcrypt.formats.qcow2.compress import ZSTD, decompress
+
+    with pytest.raises(FormatError, match=message):
+        decompress(data(), 4096, ZSTD)
+
+
+def add_snapshot(path, *, l1_offset=3 * 4096, l1_size=1, extra=None, count=1, ident=b"1", name=b"snap"):
+    """Append a snapshot table entry (4 KiB clusters: at the cluster after the file's end)."""
+    from nbdcrypt.formats.qcow2.snapshots import ENTRY_FIELDS
+
+    extra = struct.pack(">QQQ", 5000, 4 * MiB, 7) if extra is None else extra
+    entry = ENTRY_FIELDS.pack(l1_offset, l1_size, len(ident), len(name), 1700000000, 5, 61_234_000_000,
+                              0, len(extra)) + extra + ident + name
+    table = -(-path.stat().st_size // 4096) * 4096
+    with open(path, "r+b") as f:
+        f.seek(table)
+        f.write(entry.ljust(-(-len(entry) // 8) * 8, b"\0"))
+    patch(path, 60, ">IQ", count, table)
+
+
+def test_snapshot_table_is_read(image):
+    add_snapshot(image)
+    (snapshot,) = read_header(image).snapshots
+    info = snapshot.info()
+    assert (info["id"], info["name"], info["vm_size"], info["icount"]) == ("1", "snap", 5000, 7)
+    assert info["vm_clock"] == "00:01:01.234"
+    assert read_header(image).info()["snapshots"] == [info]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(extra=bytes(2000)), "extra data"),
+    (dict(l1_offset=1 << 40), "snapshot 1 L1 table"),
+    (dict(l1_offset=100), "snapshot 1 L1 table"),
+    (dict(l1_size=1 << 30), "snapshot 1 L1 table"),
+    (dict(count=2), "runs past the end"),
+])
+def test_hostile_snapshot_entries(image, kwargs, message):
+    add_snapshot(image, **kwargs)
+    with pytest.raises(FormatError, match=message):
+        read_header(image)
+
+
+def test_lru_cache_writes_back_before_it_drops():
+    from nbdcrypt.formats.qcow2.tables import LruCache
+
+    written = []
+    cache = LruCache(2, lambda key, value: written.append((key, value)))
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # now b is the least recently used
+    cache.put("c", 3)
+    assert written == [("b", 2)] and cache.get("b") is None and len(cache) == 2
+
+    def failing(key, value):
+        raise OSError("disk full")
+
+    cache = LruCache(1, failing)
+    cache.put("a", 1)
+    with pytest.raises(OSError):
+        cache.put("b", 2)
+    assert cache.get("a") == 1  # not written: still cached, nothing lost

@@ -78,6 +78,8 @@ def build_parser():
     serve.add_argument("image", metavar="IMAGE", nargs="?", help="encrypted image file (or `image` in --config)")
     add_key_options(serve)
     serve.add_argument("--header", metavar="FILE", help="detached LUKS header file")
+    serve.add_argument("--backing-key-file", metavar="FILE",
+                       help="read the passphrase of encrypted qcow2 backing files from FILE (whole file)")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH",
                        help="listen on this Unix socket (default: /run/nbdcrypt/IMAGE.sock, or "

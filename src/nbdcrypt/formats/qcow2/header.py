@@ -22,6 +22,7 @@ from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import FormatError, InputError, UnsupportedError
 from nbdcrypt.formats.luks1 import Luks1Header
+from nbdcrypt.formats.qcow2.snapshots import Snapshot, read_snapshots
 
 MAGIC = b"QFI\xfb"
 SECTOR_SIZE = 512
@@ -92,6 +93,7 @@ class Qcow2Header:
     crypto_offset: int = 0
     crypto_length: int = 0
     luks: Luks1Header | None = None
+    snapshots: tuple[Snapshot, ...] = ()
     name: str = field(default="image", compare=False)
 
     sector_size: ClassVar[int] = SECTOR_SIZE
@@ -110,6 +112,13 @@ class Qcow2Header:
         return CRYPT_NAMES[self.crypt_method]
 
     @property
+    def key_bytes(self):
+        """The master key's length (0: unencrypted)."""
+        if self.crypt_method == CRYPT_LUKS:
+            return self.luks.key_bytes
+        return AES_KEY_BYTES if self.crypt_method == CRYPT_AES else 0
+
+    @property
     def cipher_spec(self):
         if self.crypt_method == CRYPT_LUKS:
             return self.luks.cipher_spec
@@ -124,6 +133,9 @@ class Qcow2Header:
         f.seek(0)
         head = f.read(1 << MAX_CLUSTER_BITS)
         header = cls.parse(head, file_size, name)
+        if header.nb_snapshots:
+            snapshots = read_snapshots(f, header, file_size, header._l1_checker(file_size))
+            header = replace(header, snapshots=snapshots)
         if header.crypt_method != CRYPT_LUKS:
             return header
         window = _Window(f, header.crypto_offset, header.crypto_length)
@@ -185,13 +197,11 @@ class Qcow2Header:
             raise FormatError(f"{name}: refcount order {self.refcount_order} out of range")
         if self.size > (1 << 62):
             raise FormatError(f"{name}: virtual size {self.size} is too large")
-        if self.l1_size * 8 > MAX_L1_BYTES:
-            raise FormatError(f"{name}: L1 table of {self.l1_size} entries is too large")
         if self.l1_size < -(-self.size // (cs * self.l2_entries)):
             raise FormatError(f"{name}: L1 table of {self.l1_size} entries is too small for "
                               f"{self.size} bytes")
         if self.l1_size:
-            _check_area(name, "L1 table", self.l1_offset, self.l1_size * 8, cs, file_size)
+            self._l1_checker(file_size)("L1 table", self.l1_offset, self.l1_size * 8)
         if not 0 < self.reftable_clusters * cs <= MAX_REFTABLE_BYTES:
             raise FormatError(f"{name}: refcount table of {self.reftable_clusters} clusters out of range")
         _check_area(name, "refcount table", self.reftable_offset, self.reftable_clusters * cs, cs, file_size)
@@ -199,6 +209,14 @@ class Qcow2Header:
             raise FormatError(f"{name}: {self.nb_snapshots} snapshots is too many")
         if self.nb_snapshots:
             _check_area(name, "snapshot table", self.snapshots_offset, 1, cs, file_size)
+
+    def _l1_checker(self, file_size):
+        """A check of an L1 table (the active one or a snapshot's): size and place."""
+        def check(what, offset, length):
+            if length > MAX_L1_BYTES:
+                raise FormatError(f"{self.name}: {what} of {length // 8} entries is too large")
+            _check_area(self.name, what, offset, length, self.cluster_size, file_size)
+        return check
 
     def _check_features(self):
         name = self.name
@@ -236,7 +254,7 @@ class Qcow2Header:
             "compression_type": COMPRESSION_NAMES[self.compression_type],
             "lazy_refcounts": bool(self.compatible & LAZY_REFCOUNTS),
             "incompatible_features": features,
-            "snapshots": self.nb_snapshots,
+            "snapshots": [snapshot.info() for snapshot in self.snapshots],
             "backing_file": self.backing_file,
             "backing_format": self.backing_format,
             "encryption": self.encryption,
@@ -270,14 +288,15 @@ class Qcow2Header:
             return None
         return SectorCipher(self.cipher_spec, bytes(key), sector_size=SECTOR_SIZE)
 
-    def open_volume(self, store, key=None, backing=None):
+    def open_volume(self, store, key=None, backing=None, backing_keys=b""):
         """The plaintext block device; ``backing`` overrides the backing file named in
-        the header (an object with ``size`` and ``read(buf, offset)``)."""
+        the header (an object with ``size`` and ``read(buf, offset)``), whose
+        encrypted files open with ``backing_keys`` (see :func:`.backing.open_backing`)."""
         from nbdcrypt.formats.qcow2.backing import open_backing
         from nbdcrypt.formats.qcow2.volume import Qcow2Volume
 
         if backing is None and self.backing_file:
-            backing = open_backing(self, store.path)
+            backing = open_backing(self, store.path, backing_keys)
         return Qcow2Volume(self, store, self.cipher(key), backing)
 
     def payload_size(self, data_size):

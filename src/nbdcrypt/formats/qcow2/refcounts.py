@@ -6,9 +6,14 @@ which past the end of the file means appending.  A range with no refcount block
 yet gets one placed at its own first free cluster, so the block describes itself;
 a full refcount table moves to a bigger one at the end of the file.
 
-Changes collect in a cache until :meth:`Refcounts.commit` writes them; the volume
-commits (and flushes) before any L2 entry points at a new cluster, so a crash
-leaves at worst leaked clusters, never a referenced cluster with refcount 0.
+Changes collect in a cache of refcount blocks until :meth:`Refcounts.commit`
+writes them; the volume commits (and flushes) before any L2 entry points at a new
+cluster, and drops references only once the L2 entries that held them are on disk,
+so a crash leaves at worst leaked clusters, never a referenced cluster with
+refcount 0.  The cache is an LRU of CACHE_BYTES: a changed block it evicts is
+written first, which is always safe since any change may reach the disk early (an
+increment early is at worst a leak; a decrement is only made once it is safe).
+A new block's refcount table entry still waits for :meth:`commit`, after a flush.
 Not thread-safe: the volume calls it under its metadata lock.
 """
 
@@ -16,7 +21,10 @@ import numpy as np
 
 from nbdcrypt.errors import FormatError
 from nbdcrypt.formats.qcow2.header import REFTABLE_FIELDS, REFTABLE_FIELDS_OFFSET
-from nbdcrypt.formats.qcow2.tables import OFFSET_MASK
+from nbdcrypt.formats.qcow2.tables import OFFSET_MASK, LruCache
+
+CACHE_BYTES = 4 << 20
+MIN_CACHED_BLOCKS = 4
 
 
 class Refcounts:
@@ -32,8 +40,10 @@ class Refcounts:
         raw = bytearray(self.table_clusters * self.cluster_size)
         store.read_into(raw, self.table_offset)
         self.table = [int(e) for e in np.frombuffer(raw, ">u8")]
+        self.block_offsets = set(self.table) - {0}  # for the metadata overlap check
         self.end = -(-file_size // self.cluster_size)  # clusters in the file, or allocated
-        self._blocks = {}  # block offset -> bytearray
+        self._blocks = LruCache(max(MIN_CACHED_BLOCKS, CACHE_BYTES // self.cluster_size),
+                                self._write_back)  # block offset -> bytearray
         self._dirty = {}  # block offset -> [lo, hi) bytes to write
         self._dirty_table = set()  # refcount table indices to write
         self._hint = 0  # no free cluster below this index
@@ -59,7 +69,7 @@ class Refcounts:
                 raise FormatError(f"{self.name}: refcount block offset {offset:#x} is corrupt")
             block = bytearray(self.cluster_size)
             self.store.read_into(block, offset)
-            self._blocks[offset] = block
+            self._blocks.put(offset, block)
         return block
 
     # -- changing ------------------------------------------------------------------
@@ -93,14 +103,20 @@ class Refcounts:
     def commit(self):
         """Write changed refcounts (blocks, then table entries pointing at new blocks).
         The caller flushes."""
-        for offset, (lo, hi) in self._dirty.items():
-            self.store.write(memoryview(self._blocks[offset])[lo:hi], offset + lo)
-        self._dirty.clear()
+        for offset in list(self._dirty):
+            self._write_back(offset, self._blocks.get(offset))
         if self._dirty_table:
             self.store.flush()  # a table entry must never point at an unwritten block
             for index in sorted(self._dirty_table):
                 self.store.write(self.table[index].to_bytes(8, "big"), self.table_offset + index * 8)
             self._dirty_table.clear()
+
+    def _write_back(self, offset, block):
+        """Write the changed bytes of a cached block (if any)."""
+        span = self._dirty.pop(offset, None)
+        if span is not None:
+            lo, hi = span
+            self.store.write(memoryview(block)[lo:hi], offset + lo)
 
     def _set(self, cluster, count):
         if count > self.max_count:
@@ -133,9 +149,10 @@ class Refcounts:
     def _new_block(self, cluster):
         """A refcount block for the (empty) range holding ``cluster``, placed there."""
         offset = cluster * self.cluster_size
-        self._blocks[offset] = bytearray(self.cluster_size)
+        self._blocks.put(offset, bytearray(self.cluster_size))
         self._dirty[offset] = [0, self.cluster_size]
         self.table[cluster // self.per_block] = offset
+        self.block_offsets.add(offset)
         self._dirty_table.add(cluster // self.per_block)
         self._set(cluster, 1)
         self.end = max(self.end, cluster + 1)
@@ -160,17 +177,18 @@ class Refcounts:
                 break
             entries = last // per_block + 1
         table = self.table + [0] * (table_clusters * cs // 8 - len(self.table))
+        new_blocks = {}
         for j in range(blocks):
             offset = (start + table_clusters + j) * cs
             table[start // per_block + j] = offset
-            self._blocks[offset] = bytearray(cs)
+            new_blocks[offset] = bytearray(cs)
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table, self.table_offset, self.table_clusters = table, start * cs, table_clusters
+        self.block_offsets = set(table) - {0}
         for cluster in range(start, last + 1):
-            _put(self._blocks[self.table[cluster // per_block]], cluster % per_block, self.order, 1)
-        for j in range(blocks):
-            offset = (start + table_clusters + j) * cs
-            self.store.write(self._blocks[offset], offset)
+            _put(new_blocks[table[cluster // per_block]], cluster % per_block, self.order, 1)
+        for offset, block in new_blocks.items():
+            self.store.write(block, offset)
         self.store.write(np.array(table, ">u8").tobytes(), self.table_offset)
         self.store.flush()
         self.store.write(REFTABLE_FIELDS.pack(self.table_offset, table_clusters), REFTABLE_FIELDS_OFFSET)

@@ -1,4 +1,4 @@
-"""L1/L2 tables: guest cluster -> host location, with a write-through L2 cache.
+"""L1/L2 tables: guest cluster -> host location, with a bounded write-through L2 cache.
 
 An L2 entry is one of: unallocated (0), normal (host cluster offset), zero (v3
 flag bit 0; "zero alloc" when it keeps a host cluster), or compressed (host byte
@@ -68,9 +68,9 @@ class Tables:
         raw = bytearray(header.l1_size * 8)
         store.read_into(raw, header.l1_offset)
         self.l1 = [int(e) for e in np.frombuffer(raw, ">u8")]
+        self.l2_offsets = {e & OFFSET_MASK for e in self.l1} - {0}  # for the metadata overlap check
         self.file_size = file_size  # bound for L2 offsets; the volume raises it as it allocates
-        self._cache = OrderedDict()
-        self._max_tables = max(16, CACHE_BYTES // self.cluster_size)
+        self._cache = LruCache(max(16, CACHE_BYTES // self.cluster_size))
 
     def l2_location(self, l1_index):
         """(L2 table offset or 0, COPIED flag) of one L1 entry, checked."""
@@ -96,15 +96,13 @@ class Tables:
             raw = bytearray(self.cluster_size)
             self.store.read_into(raw, offset)
             table = np.frombuffer(raw, ">u8").astype(np.uint64)
-            self._remember(offset, table)
-        else:
-            self._cache.move_to_end(offset)
+            self._cache.put(offset, table)
         return table
 
     def write_table(self, offset, table):
         """Write a whole (new) L2 table."""
         self.store.write(table.astype(">u8").tobytes(), offset)
-        self._remember(offset, table)
+        self._cache.put(offset, table)
 
     def set_entries(self, offset, updates):
         """Set L2 entries {index: value} of the table at ``offset`` and write them through."""
@@ -115,11 +113,36 @@ class Tables:
         self.store.write(table[lo:hi].astype(">u8").tobytes(), offset + lo * 8)
 
     def set_l1(self, index, value):
+        self.l2_offsets.discard(self.l1[index] & OFFSET_MASK)
+        self.l2_offsets.add(value & OFFSET_MASK)
         self.l1[index] = value
         self.store.write(value.to_bytes(8, "big"), self.l1_offset + index * 8)
 
-    def _remember(self, offset, table):
-        self._cache[offset] = table
-        self._cache.move_to_end(offset)
-        while len(self._cache) > self._max_tables:
-            self._cache.popitem(last=False)
+
+class LruCache:
+    """At most ``capacity`` entries; the least recently used leaves first, after
+    ``evict(key, value)`` has run (to write it out if it is dirty)."""
+
+    def __init__(self, capacity, evict=None):
+        self.capacity = capacity
+        self._entries = OrderedDict()
+        self._evict = evict
+
+    def __len__(self):
+        return len(self._entries)
+
+    def get(self, key):
+        """The entry (now the most recently used), or None."""
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key, value):
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            oldest, old_value = next(iter(self._entries.items()))
+            if self._evict is not None:
+                self._evict(oldest, old_value)  # before it goes: a failed write loses nothing
+            del self._entries[oldest]

@@ -12,6 +12,9 @@ through :meth:`Qcow2Volume._rewrite` under one metadata lock, in crash-safe orde
 3. write L2 entries (a new L2 table is written and flushed before the L1 entry);
 4. flush, then drop the references the old mappings held.
 
+Discard (trim) and write-zeroes of whole clusters take the same path with no data:
+their L2 entries change, are flushed, and only then do the host clusters they held
+lose a reference (freed at 0; a snapshot's cluster just loses the active image's).
 A crash leaves at worst leaked clusters.  A range lock over whole guest clusters
 keeps concurrent requests on the same cluster apart, so a mapping read under the
 metadata lock stays true while its data is read or written outside it.
@@ -94,13 +97,25 @@ class Qcow2Volume:
         """Write zeros; whole clusters of a v3 image become zero clusters (no data written)."""
         self._check_writable()
         end = offset + count
-        first, last = self._whole_clusters(offset, end)
+        first, last = self._whole_clusters(offset, end) if self.header.version >= 3 else (end, end)
         with self.path.request("write", count):
             self._write_zeros(offset, first - offset)
             if first < last:
                 with self._ranges(first, last, exclusive=True), self._meta:
                     self._rewrite(first, last - first, None)
             self._write_zeros(last, end - last)
+        if fua:
+            self.store.flush()
+
+    def trim(self, count, offset, fua=False):
+        """Discard, as QEMU does: whole clusters lose their mapping (v3 with a backing
+        file: zero clusters, so the backing data stays hidden) and their host clusters
+        a reference; partial clusters are left as they are."""
+        self._check_writable()
+        first, last = self._whole_clusters(offset, offset + count)
+        if first < last:
+            with self._ranges(first, last, exclusive=True), self._meta:
+                self._rewrite(first, last - first, None, discard=True)
         if fua:
             self.store.flush()
 
@@ -138,14 +153,12 @@ class Qcow2Volume:
         return offset // cs * cs, -(-(offset + length) // cs) * cs
 
     def _whole_clusters(self, offset, end):
-        """The part of [offset, end) that zero clusters can cover: whole clusters (the
-        image's last one counts as whole up to the virtual size), v3 only."""
+        """The whole clusters inside [offset, end) (the image's last one counts as whole
+        up to the virtual size); (end, end) if there are none."""
         cs = self._cs
         first = -(-offset // cs) * cs
         last = end if end == self.size else end // cs * cs
-        if self.header.version < 3 or first >= last:
-            return end, end
-        return first, last
+        return (first, last) if first < last else (end, end)
 
     def _lookup(self, cluster):
         """The checked mapping of one guest cluster (call under the metadata lock)."""
@@ -156,7 +169,27 @@ class Qcow2Volume:
             if m.host < self._cs or m.host + length > end or m.kind != COMPRESSED_DATA and m.host % self._cs:
                 raise FormatError(f"{self.name}: guest cluster {cluster} maps to {m.host:#x}, "
                                   f"outside the image's data")
+            if m.kind != COMPRESSED_DATA and (metadata := self._metadata_at(m.host)):
+                raise FormatError(f"{self.name}: guest cluster {cluster} maps to {m.host:#x}, "
+                                  f"which holds {metadata}")
         return m
+
+    def _metadata_at(self, host):
+        """The metadata the cluster at ``host`` holds, if any: QEMU's overlap check
+        ("cached" level), so a lying L2 entry cannot aim a data write at metadata."""
+        if host in self._tables.l2_offsets:
+            return "an L2 table"
+        if host in self._refcounts.block_offsets:
+            return "a refcount block"
+        h, rc = self.header, self._refcounts
+        for what, start, length in (("the L1 table", h.l1_offset, h.l1_size * 8),
+                                    ("the refcount table", rc.table_offset, rc.table_clusters * self._cs),
+                                    ("the LUKS header", h.crypto_offset, h.crypto_length),
+                                    ("the snapshot table", h.snapshots_offset, self._cs if h.nb_snapshots else 0),
+                                    *(("a snapshot's L1 table", s.l1_offset, s.l1_size * 8) for s in h.snapshots)):
+            if start <= host < start + length:
+                return what
+        return None
 
     def _runs(self, offset, length):
         """[(guest offset, length, mapping)] covering the range; neighbours merge when
@@ -237,19 +270,21 @@ class Qcow2Volume:
 
     # -- allocating writes (under the metadata lock) -----------------------------------
 
-    def _rewrite(self, offset, length, data):
-        """Write ``data`` at ``offset``, or with ``data`` None turn the whole clusters
-        of the range into zero clusters, allocating and copying as needed."""
+    def _rewrite(self, offset, length, data, discard=False):
+        """Write ``data`` at ``offset``, allocating and copying as needed; with ``data``
+        None turn the whole clusters of the range into zero clusters, or drop them
+        (``discard``)."""
         cs = self._cs
         entries, fills, in_place, dropped = {}, [], [], []
         for cluster in range(offset // cs, -(-(offset + length) // cs)):
             m = self._lookup(cluster)
             lo, hi = max(offset, cluster * cs), min(offset + length, (cluster + 1) * cs)
-            keep = m.kind in (NORMAL, ZERO_ALLOC) and m.copied  # reuse the host cluster
+            keep = m.in_place and not discard  # the host cluster stays this guest cluster's
             if data is None:
-                if m.kind in (ZERO_PLAIN, ZERO_ALLOC) or m.kind == UNALLOCATED and self.backing is None:
-                    continue  # reads as zeros already
-                entries[cluster] = (m.host | COPIED | ZERO) if keep else ZERO
+                entry = self._discarded(m) if discard else self._zeroed(m)
+                if entry is None:
+                    continue
+                entries[cluster] = entry
             elif m.kind == NORMAL and m.copied:
                 in_place.append((data[lo - offset:hi - offset], m.host + lo % cs, lo))
                 continue
@@ -278,6 +313,21 @@ class Qcow2Volume:
             for ref in dropped:
                 self._refcounts.release(*ref)
             self._refcounts.commit()
+
+    def _zeroed(self, m):
+        """The L2 entry that makes a cluster read as zeros (None: it does already)."""
+        if m.kind in (ZERO_PLAIN, ZERO_ALLOC) or m.kind == UNALLOCATED and self.backing is None:
+            return None
+        return (m.host | COPIED | ZERO) if m.in_place else ZERO
+
+    def _discarded(self, m):
+        """The L2 entry of a discarded cluster (None: nothing to drop), as QEMU's
+        discard_in_l2_slice: unallocated, or a zero cluster where v3 can keep a
+        backing file's data hidden (v2 lets it show through)."""
+        entry = ZERO if self.backing is not None and self.header.version >= 3 else 0
+        if m.kind == ZERO_PLAIN or m.kind == UNALLOCATED and entry == 0:
+            return None
+        return entry
 
     def _l2_tables_to_write(self, clusters):
         """{L1 index: [old L2 offset, new L2 offset or None]}: None keeps the old table;
