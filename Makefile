@@ -8,7 +8,8 @@ STATE ?= $(CURDIR)/.state
 # nbdkit's Python plugin embeds Debian's interpreter: the venv must be built from it.
 SYSTEM_PYTHON := /usr/bin/python3
 APT_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin fio qemu-utils \
-	cryptsetup-bin fuse3 e2fsprogs python3-venv python3-pip python3-botan systemd keyutils gnutls-bin
+	cryptsetup-bin fuse3 e2fsprogs python3-venv python3-pip python3-botan systemd keyutils gnutls-bin \
+	python3-prometheus-client
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 

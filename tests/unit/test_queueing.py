@@ -11,10 +11,13 @@ from nbdcrypt.control import ControlError, decode_reply, decode_request, encode_
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import InputError
+from nbdcrypt.plugin.metrics import render
 from nbdcrypt.plugin.queueing import Settings
+from nbdcrypt.plugin.stats import BUCKETS_US, Timing
 from nbdcrypt.plugin.store import FileStore
 from nbdcrypt.plugin.throttle import Throttle
 from nbdcrypt.plugin.volume import Volume
+from nbdcrypt.plugin.workers import SLOT, CipherRecipe, ProcessWorkers
 
 FLAGS = ("no_read_workqueue", "no_write_workqueue", "same_cpu_crypt", "submit_from_crypt_cpus")
 SIZE = 1 << 20
@@ -25,6 +28,7 @@ def volume_on(path, **settings):
     path.write_bytes(bytes(SIZE))
     cipher = SectorCipher(CipherSpec.parse("aes-xts-plain64"), KEY)
     volume = Volume(FileStore(path), cipher, 0, SIZE)
+    volume.path.allow_processes(KEY)
     volume.path.configure(settings)
     return volume
 
@@ -48,8 +52,14 @@ def workload(volume):
     volume.flush()
 
 
-@pytest.mark.parametrize("flags", [dict(zip(FLAGS, bits)) for bits in itertools.product([False, True], repeat=4)],
-                         ids=lambda f: "+".join(k for k, v in f.items() if v) or "dm-crypt-defaults")
+PROCESS_PATHS = [dict(worker_type="process", workers=2), dict(worker_type="process", same_cpu_crypt=True),
+                 dict(worker_type="process", submit_from_crypt_cpus=True)]
+
+
+@pytest.mark.parametrize("flags", [dict(zip(FLAGS, bits)) for bits in itertools.product([False, True], repeat=4)]
+                         + PROCESS_PATHS,
+                         ids=lambda f: "+".join(k if v is True else f"{k}={v}" for k, v in f.items() if v)
+                         or "dm-crypt-defaults")
 def test_every_path_writes_the_same_ciphertext(tmp_path, flags):
     reference = volume_on(tmp_path / "ref", no_read_workqueue=True, no_write_workqueue=True)
     workload(reference)
@@ -147,3 +157,112 @@ def test_control_protocol_round_trip_and_malformed_input():
                          (b'{"command": "set", "args": []}\n', "args must be an object")]:
         with pytest.raises(ControlError, match=message):
             decode_request(bad)
+
+
+def test_switching_worker_type_while_busy_loses_nothing(tmp_path):
+    volume = volume_on(tmp_path / "img")
+    volume.zero(SIZE, 0)
+    model = bytearray(SIZE)
+    switched = threading.Event()
+    pids = set()
+
+    def switcher():
+        for kind in ["process", "thread"] * 3:
+            volume.path.configure({"worker_type": kind, "workers": 2})
+            pids.update(volume.path.worker_pids())
+            time.sleep(0.05)
+        switched.set()
+
+    def writer(lane):
+        for i in itertools.count():
+            if switched.is_set():
+                return
+            offset = lane * (SIZE // 4) + (i * 4099) % (SIZE // 4 - (5 << 10))
+            data = os.urandom(1 + i * 41 % (5 << 10))
+            volume.write(data, offset)
+            model[offset:offset + len(data)] = data
+            got = bytearray(len(data))
+            volume.read(got, offset)
+            assert got == data
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)] + [threading.Thread(target=switcher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    volume.read(whole := bytearray(SIZE), 0)
+    assert whole == model
+    assert len(pids) == 6  # three pools of two processes
+    assert volume.path.stats.snapshot()["write"]["errors"] == 0
+    volume.path.close()
+
+
+def test_worker_processes_cross_the_shared_slot(tmp_path):
+    """Requests longer than a worker's shared-memory slot go through it in pieces."""
+    size = SLOT * 2 + 4096
+    path = tmp_path / "img"
+    path.write_bytes(bytes(size))
+    cipher = SectorCipher(CipherSpec.parse("aes-xts-plain64"), KEY)
+    data = os.urandom(size)
+    expected = bytearray(data)
+    cipher.encrypt(expected, 0)
+    with Volume(FileStore(path), cipher, 0, size) as volume:
+        volume.path.allow_processes(KEY)
+        volume.path.configure({"worker_type": "process", "workers": 1})
+        volume.write(data, 0)
+        assert path.read_bytes() == expected
+        volume.read(got := bytearray(size), 0)
+        assert got == data
+
+
+@pytest.mark.parametrize("spec, sector_size, iv_large_sectors, iv_tweak", [
+    ("aes-xts-plain64", 4096, True, 7), ("aes-xts-plain64", 4096, False, 3), ("aes-cbc-essiv:sha256", 512, False, 0)])
+def test_worker_processes_rebuild_the_cipher(spec, sector_size, iv_large_sectors, iv_tweak):
+    """Sector size and IV options reach the worker: it encrypts as the plugin's own cipher."""
+    key = KEY[:64 if "xts" in spec else 32]
+    cipher = SectorCipher(CipherSpec.parse(spec), key, sector_size, iv_large_sectors, iv_tweak)
+    recipe = CipherRecipe(cipher, key)
+    pool = ProcessWorkers(recipe, 1)
+    data = bytearray(os.urandom(3 * sector_size))
+    expected = bytearray(data)
+    cipher.encrypt(expected, 12345)
+    pool.enter()
+    pool.run(Timing(), True, data, 12345)
+    pool.close()
+    recipe.wipe()
+    assert data == expected and recipe.key == bytes(len(key))
+
+
+def test_worker_type_needs_a_known_value_and_the_key(tmp_path):
+    with pytest.raises(InputError, match="worker_type takes thread or process"):
+        Settings().updated({"worker_type": "fork"})
+    path = tmp_path / "img"
+    path.write_bytes(bytes(SIZE))
+    with Volume(FileStore(path), SectorCipher(CipherSpec.parse("aes-xts-plain64"), KEY), 0, SIZE) as volume:
+        with pytest.raises(InputError, match="need the key"):
+            volume.path.configure({"worker_type": "process"})
+        assert volume.path.settings.worker_type == "thread"
+
+
+def test_metrics_text_parses_and_matches_the_statistics(tmp_path):
+    parser = pytest.importorskip("prometheus_client.parser", reason="needs python3-prometheus-client")
+    volume = volume_on(tmp_path / "img", no_read_workqueue=True)
+    for length in (512, 4096, 70_000):
+        volume.write(bytes(length), 1024)
+    volume.read(bytearray(4096), 0)
+    stats = volume.path.stats.snapshot(buckets=True)
+    families = {f.name: f for f in parser.text_string_to_metric_families(render(stats))}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("nbdcrypt_requests_total", (("direction", "write"),))] == 3
+    assert samples[("nbdcrypt_bytes_total", (("direction", "write"),))] == 512 + 4096 + 70_000
+    assert samples[("nbdcrypt_request_duration_seconds_count", (("direction", "read"), ("mode", "inline")))] == 1
+    assert families["nbdcrypt_request_phase_duration_seconds"].type == "histogram"
+    crypto = (("direction", "write"), ("mode", "queued"), ("phase", "crypto"))
+    assert samples[("nbdcrypt_request_phase_duration_seconds_count", crypto)] == 3
+    assert samples[("nbdcrypt_request_phase_duration_seconds_sum", crypto)] == pytest.approx(
+        stats["write"]["latency_us"]["queued"]["crypto"]["sum"] / 1e6)
+    buckets = [s.value for s in families["nbdcrypt_request_phase_duration_seconds"].samples
+               if s.name.endswith("_bucket") and {k: v for k, v in s.labels.items() if k != "le"} == dict(crypto)]
+    assert len(buckets) == len(BUCKETS_US) + 1  # and +Inf
+    assert buckets == sorted(buckets) and buckets[-1] == 3  # cumulative: +Inf holds every request
+    volume.path.close()

@@ -10,6 +10,7 @@ from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import InputError, ReadOnlyError
 from nbdcrypt.plugin.store import FileStore
+from nbdcrypt.plugin import volume as volume_module
 from nbdcrypt.plugin.volume import RangeLock, Volume
 
 OFFSET = 4096
@@ -117,3 +118,45 @@ def test_one_writer_at_a_time(tmp_path):
 def test_missing_image_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         FileStore(tmp_path / "absent")
+
+
+def test_concurrent_writes_each_get_their_own_buffer(tmp_path):
+    """Writes encrypt in scratch buffers borrowed per request: concurrent requests (from
+    read-only buffers, as nbdkit passes them) must never share one."""
+    volume = make_volume(tmp_path / "img")
+    regions = 8
+    span = SIZE // regions
+    start = threading.Barrier(regions)
+
+    def writer(i):
+        rnd = random.Random(i)
+        start.wait()
+        for _ in range(20):
+            offset = i * span + rnd.randrange(0, span - 8192, 512)
+            volume.write(memoryview(bytes([i + 1]) * 8192).toreadonly(), offset)
+
+    volume.zero(SIZE, 0)
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(regions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    whole = bytearray(SIZE)
+    volume.read(whole, 0)
+    for i in range(regions):
+        assert set(whole[i * span:(i + 1) * span]) <= {0, i + 1}
+
+
+def test_requests_larger_than_a_kept_buffer(tmp_path, monkeypatch):
+    monkeypatch.setattr(volume_module, "KEEP_BUFFER", 4096)
+    volume = make_volume(tmp_path / "img")
+    model = bytearray(SIZE)
+    volume.zero(SIZE, 0)
+    for offset, length in [(100, 3000), (0, 20000), (513, 9000), (4096, 4096), (1000, 70000)]:
+        data = random.Random(offset).randbytes(length)
+        volume.write(data, offset)
+        model[offset:offset + length] = data
+        buf = bytearray(length + 300)
+        volume.read(buf, offset - 100 if offset >= 100 else offset)
+        assert buf == model[max(0, offset - 100):][:length + 300]
+    assert all(len(b) <= 4096 for b in volume._buffers.idle)

@@ -175,11 +175,16 @@ def add_queueing_options(parser):
     for flag in ctl.PERF_FLAGS:
         group.add_argument(f"--perf-{flag}", action="store_true", dest=flag,
                            help=PERF_HELP[flag])
-    group.add_argument("--workers", type=int, metavar="N", help="crypt worker threads (default: CPUs)")
+    group.add_argument("--workers", type=int, metavar="N", help="crypt workers (default: CPUs)")
+    group.add_argument("--worker-type", choices=["thread", "process"],
+                       help="crypt workers are threads of nbdkit (default) or worker processes")
     group.add_argument("--throttle-bps", type=int, metavar="BYTES", help="limit to BYTES per second")
     group.add_argument("--throttle-ops", type=int, metavar="N", help="limit to N requests per second")
     group.add_argument("--control", metavar="PATH",
                        help="control socket for `nbdcrypt ctl` (statistics, live changes)")
+    group.add_argument("--metrics", metavar="PATH|PORT",
+                       help="serve Prometheus metrics (HTTP GET /metrics) on a Unix socket PATH, "
+                            "on 127.0.0.1:PORT, or on HOST:PORT")
 
 
 PERF_HELP = {

@@ -22,7 +22,8 @@ def add_parser(commands):
     stats.add_argument("--reset", action="store_true", help="zero the statistics after reading them")
     change = actions.add_parser("set", help="change settings: NAME=VALUE ...",
                                 description="Settings: " + ", ".join(PERF_FLAGS) +
-                                            " (on/off), workers, throttle_bps, throttle_ops (0 = off).")
+                                            " (on/off), workers, worker_type (thread/process), throttle_bps, "
+                                            "throttle_ops (0 = off).")
     change.add_argument("pairs", nargs="+", metavar="NAME=VALUE")
     refresh = actions.add_parser(
         "refresh", help="set the four performance flags at once, as cryptsetup refresh does",
@@ -80,9 +81,12 @@ def format_stats(stats):
     for direction in ("read", "write"):
         d = stats[direction]
         lines.append(f"{direction}: {d['ops']} ops, {d['bytes']} bytes, {d['errors']} errors, "
-                     f"in flight {d['in_flight']} (peak {d['peak_in_flight']})")
+                     f"in flight {d['in_flight']} (peak {d['peak_in_flight']}), "
+                     f"throttled {d['throttled_us']}us")
         for mode, phases in d.get("latency_us", {}).items():
             for phase, h in phases.items():
                 lines.append(f"  {mode:6} {phase:8} n={h['count']:<8} p50={h['p50']}us "
                              f"p99={h['p99']}us p99.9={h['p99.9']}us max={h['max']}us")
+    if stats.get("worker_restarts"):
+        lines.append(f"worker processes restarted: {stats['worker_restarts']}")
     return "\n".join(lines)

@@ -24,7 +24,8 @@ import trio
 
 from .. import plugin
 from ..errors import InputError, NbdcryptError
-from ..plugin.export import header_file
+from ..plugin.export import header_file, unlock_all
+from ..plugin.metrics import absolute_address
 from ..plugin.queueing import Settings
 from ..plugin.store import is_uri, open_store
 from . import config, ctl, keys
@@ -54,31 +55,40 @@ def main(args):
     notify(f"STATUS=unlocking {image}")
     passphrase = keys.read_passphrase(args.key_file, args.passphrase_fd, prompt=f"Enter passphrase for {image}: ",
                                       credential=args.key_credential, keyring=args.key_keyring)
+    backing_passphrase = None
     try:
+        if args.backing_key_file:
+            backing_passphrase = keys.read_passphrase(args.backing_key_file)
         return serve(image, passphrase, listener, header=args.header, readonly=args.readonly,
-                     settings=settings, control=args.control, notify=notify)
+                     settings=settings, control=args.control, metrics=args.metrics, notify=notify,
+                     backing_passphrase=backing_passphrase)
     finally:
         keys.wipe(passphrase)
+        keys.wipe(backing_passphrase)
 
 
 def queueing_settings(args):
     """The queueing layer's settings given as options (checked, so a typo is a usage error)."""
     settings = {flag: "on" for flag in ctl.PERF_FLAGS if getattr(args, flag)}
-    for name in ("workers", "throttle_bps", "throttle_ops"):
+    for name in ("workers", "worker_type", "throttle_bps", "throttle_ops"):
         if getattr(args, name) is not None:
             settings[name] = str(getattr(args, name))
     Settings().updated(settings)
     return settings
 
 
-def unlock(image, header_path, passphrase, readonly):
+def unlock(image, header_path, passphrase, readonly, backing_passphrase=None):
     """Check the image opens as it will be served (exists, writable unless ``readonly``)
-    and return ``(header, master_key, payload_size)``; the key is locked in RAM."""
+    and return ``(header, master_key, payload_size)``; the key (followed by those of
+    encrypted qcow2 backing files: :func:`~nbdcrypt.plugin.export.unlock_all`) is
+    locked in RAM."""
     store = open_store(image, readonly)
     try:
         with header_file(image, header_path, store) as f:
             header = read_header(f, header_path or image)
-            return header, keys.lock(header.unlock(passphrase, f)), header.payload_size(store.size())
+            size = header.payload_size(store.size())  # a header that does not fit: before any KDF runs
+            key = unlock_all(header, f, image, passphrase, backing_passphrase)
+            return header, keys.lock(key), size
     finally:
         store.close()
 
@@ -108,16 +118,19 @@ def plugin_environment(listener):
 
 
 def serve(image, passphrase, listener, header=None, readonly=False, settings=None, control=None,
-          notify=Notifier(), log=print):
+          notify=Notifier(), log=print, backing_passphrase=None, metrics=None):
     """Serve ``image`` until SIGTERM/SIGINT/SIGHUP; return nbdkit's exit status.
 
     ``listener`` comes from :func:`choose_listener`; ``settings`` are queueing-layer
-    settings; ``control`` is the control socket's path."""
+    settings; ``control`` is the control socket's path; ``backing_passphrase`` opens
+    encrypted qcow2 backing files; ``metrics`` is where to serve Prometheus metrics."""
     params = dict(settings or {})
     if control:
         params["control"] = os.path.abspath(control)
+    if metrics:
+        params["metrics"] = absolute_address(metrics)
     header = os.path.abspath(header) if header else None
-    hdr, key, size = unlock(image, header, passphrase, readonly)
+    hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrase)
     banner = (f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, {size} bytes) "
               f"at {listener.uri}")
     try:

@@ -19,15 +19,8 @@ class ControlServer:
         self.path = str(path)
         self._volume = volume
         self._describe = describe  # () -> dict of export details for "status"
-        if os.path.exists(self.path):
-            os.unlink(self.path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o077)  # no moment where others could connect
-        try:
-            self._sock.bind(self.path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        bind_private(self._sock, self.path)
         self._sock.listen(8)
         threading.Thread(target=self._serve, name="nbdcrypt-control", daemon=True).start()
 
@@ -52,7 +45,7 @@ class ControlServer:
             path.stats.reset()
         if command == "stats":
             return path.stats.snapshot()
-        return {**self._describe(), "settings": vars(path.settings)}
+        return {**self._describe(), "settings": vars(path.settings), "worker_pids": path.worker_pids()}
 
     def _serve(self):
         while True:
@@ -63,18 +56,32 @@ class ControlServer:
             threading.Thread(target=self._converse, args=(conn,), daemon=True).start()
 
     def _converse(self, conn):
+        allowed = peer_allowed(conn)
         with conn, conn.makefile("rb") as reader:
-            if not _allowed(conn):
-                conn.sendall(encode_reply(error="permission denied"))
-                return
             while line := reader.readline(MAX_LINE + 1):
+                if not allowed:  # answered after its request, so the peer is not cut off mid-send
+                    conn.sendall(encode_reply(error="permission denied"))
+                    return
                 if not line.endswith(b"\n"):
                     conn.sendall(encode_reply(error=str(ControlError(f"request longer than {MAX_LINE} bytes"))))
                     return
                 conn.sendall(self.handle(line))
 
 
-def _allowed(conn):
+def bind_private(sock, path):
+    """Bind the Unix socket ``sock`` at ``path`` (replacing a stale one), mode 0600."""
+    if os.path.exists(path):
+        os.unlink(path)
+    old_umask = os.umask(0o077)  # no moment where others could connect
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+
+
+def peer_allowed(conn):
+    """Is the peer of the Unix socket ``conn`` our own user or root?"""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid in (0, os.getuid())

@@ -11,17 +11,22 @@ from dataclasses import fields
 
 from ..errors import InputError
 from ..formats import open_header
+from ..formats.qcow2.backing import backing_key_bytes, unlock_backing
 from .control_server import ControlServer
+from .metrics import MetricsServer
 from .queueing import Settings
 from .store import StoreFile, is_uri, open_store
 
 PARAMETERS = {
     "image": "the encrypted image file (required)",
     "header": "a detached LUKS header file",
-    "master-key-fd": "file descriptor to read the master key from (the daemon's handover)",
+    "master-key-fd": "file descriptor to read the master key from (the daemon's handover), "
+                     "followed by those of encrypted qcow2 backing files",
     "key-file": "file holding the passphrase (when run without the daemon)",
+    "backing-key-file": "file holding the passphrase of encrypted qcow2 backing files (with key-file)",
     "readonly": "true to open the image read-only",
     "control": "Unix socket for runtime control and statistics (nbdcrypt ctl)",
+    "metrics": "Prometheus metrics over HTTP: a Unix socket PATH, a PORT on 127.0.0.1, or HOST:PORT",
     **{f.name: "queueing layer setting (see nbdcrypt.plugin.queueing)" for f in fields(Settings)},
 }
 
@@ -33,6 +38,7 @@ class Export:
         self.params = {}
         self.volume = None
         self.control = None
+        self.metrics = None
 
     def config(self, key, value):
         if key not in PARAMETERS:
@@ -44,6 +50,8 @@ class Export:
             raise InputError("image=PATH is required")
         if ("master-key-fd" in self.params) == ("key-file" in self.params):
             raise InputError("give exactly one of master-key-fd=N or key-file=PATH")
+        if "backing-key-file" in self.params and "key-file" not in self.params:
+            raise InputError("backing-key-file=PATH goes with key-file=PATH (the daemon sends both keys)")
 
     def open_volume(self):
         """Open store and header, obtain the master key and build the volume."""
@@ -51,33 +59,87 @@ class Export:
         store = open_store(self.params["image"], readonly=readonly)
         with header_file(self.params["image"], self.params.get("header"), store) as f:
             header = open_header(f, self.params.get("header", self.params["image"]))
-            key = self._master_key(header, f)
+            key, backing_keys = self._master_keys(header, f)
         try:
-            self.volume = header.open_volume(store, key)
+            if backing_keys:
+                self.volume = header.open_volume(store, key, backing_keys=backing_keys)
+            else:
+                self.volume = header.open_volume(store, key)
+            self.volume.path.allow_processes(key)  # worker processes get the key from the path
         finally:
             _wipe(key)
+            _wipe(backing_keys)
         settings = {f.name: self.params[f.name] for f in fields(Settings) if f.name in self.params}
         self.volume.path.configure(settings)
+        if "metrics" in self.params:
+            self.metrics = MetricsServer(self.params["metrics"], self.volume.path)
         if "control" in self.params:
             details = header.info()
             info = {"image": self.params["image"], "size": self.volume.size,
                     "format": details["format"], "cipher": details["cipher"]}
+            if self.metrics is not None:
+                info["metrics"] = self.metrics.address
             self.control = ControlServer(self.params["control"], self.volume, lambda: info)
         return self.volume
 
     def close(self):
         if self.control is not None:
             self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.volume is not None:
             self.volume.close()
 
-    def _master_key(self, header, f):
+    def _master_keys(self, header, f):
+        """(the image's master key, those of its encrypted backing files)."""
+        image = self.params["image"]
         if "key-file" in self.params:
-            with open(self.params["key-file"], "rb") as kf:
-                return bytearray(header.unlock(kf.read(), f))
-        key = bytearray(read_all(int(self.params["master-key-fd"])))
+            backing = self.params.get("backing-key-file")
+            keys = unlock_all(header, f, image, _read_file(self.params["key-file"]),
+                              _read_file(backing) if backing else None)
+            return split_keys(header, image, keys)
+        key, backing_keys = split_keys(header, image, bytearray(read_all(int(self.params["master-key-fd"]))))
         header.check_master_key(bytes(key))
-        return key
+        return key, backing_keys
+
+
+def unlock_all(header, f, image, passphrase, backing_passphrase=None):
+    """The master keys ``image`` needs, as the daemon hands them over: its own, then
+    those of its encrypted qcow2 backing files (unlocked first, so a missing backing
+    key fails before the image's key derivation).  One bytearray to wipe."""
+    backing = unlock_backing(header, image, backing_passphrase)
+    try:
+        key = header.unlock(passphrase, f)
+    except BaseException:
+        _wipe(backing)
+        raise
+    return _joined(key, backing)
+
+
+def split_keys(header, image, keys):
+    """(master key, backing keys) from what :func:`unlock_all` returned (which is wiped)."""
+    cut = len(keys) - backing_key_bytes(header, image)
+    if cut <= 0:
+        _wipe(keys)
+        raise InputError(f"{image}: the master key handover is too short")
+    key, backing = keys[:cut], keys[cut:]
+    _wipe(keys)
+    return key, backing
+
+
+def _joined(*parts):
+    """One buffer holding ``parts`` in order; the parts are wiped."""
+    out, pos = bytearray(sum(map(len, parts))), 0
+    for part in parts:
+        out[pos:pos + len(part)] = part
+        pos += len(part)
+        _wipe(part)
+    return out
+
+
+def _read_file(path):
+    with _open(path) as f:
+        return f.read()
 
 
 def header_file(image, header, store):

@@ -106,6 +106,11 @@ def can_fast_zero(volume):
     return False
 
 
+def can_trim(volume):
+    # qcow2 frees discarded clusters; a LUKS payload has nothing to free.
+    return hasattr(volume, "trim")
+
+
 def can_extents(volume):
     # qcow2 knows its holes and zero clusters; LUKS payloads are all data.
     return hasattr(volume, "extents")
@@ -141,6 +146,11 @@ def zero(volume, count, offset, flags):
         nbdkit.set_error(errno.ENOTSUP)
         raise OSError(errno.ENOTSUP, "fast zero is not supported")
     volume.zero(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+
+
+@_errno_on_failure
+def trim(volume, count, offset, flags):
+    volume.trim(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
 
 
 @_errno_on_failure

@@ -16,15 +16,14 @@ The request thread always waits for its request to finish before nbdkit replies,
 so an acknowledged write is in the file.  Every request reads the settings once
 when it starts: a switch takes effect for the next request while in-flight ones
 finish on the path they started on (the pools keep running), so nothing drains
-or drops.  Workers are threads: the engine spends large requests inside OpenSSL
-and numpy with the GIL released (docs/queueing.md has the measurements).
+or drops.  Workers are threads by default, or processes (``worker_type``):
+:mod:`nbdcrypt.plugin.workers`; docs/queueing.md has the measurements.
 """
 
 import ctypes
 import os
 import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -32,6 +31,7 @@ from typing import NamedTuple
 from ..errors import InputError
 from .stats import Stats, Timing
 from .throttle import Throttle
+from .workers import CipherRecipe, ProcessWorkers, ThreadWorkers
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -55,7 +55,8 @@ class Settings:
     submit_from_crypt_cpus: bool = False
     throttle_bps: int = 0  # bytes per second over both directions; 0 = unlimited
     throttle_ops: int = 0  # requests per second; 0 = unlimited
-    workers: int = os.cpu_count() or 1  # threads of the shared crypt pool
+    workers: int = os.cpu_count() or 1  # size of the shared crypt pool
+    worker_type: str = "thread"  # or "process"
 
     def mode(self, direction):
         inline = self.no_read_workqueue if direction == "read" else self.no_write_workqueue
@@ -72,7 +73,14 @@ class Settings:
         return replace(self, **parsed)
 
 
+CHOICES = {"worker_type": ("thread", "process")}
+
+
 def _parse(name, value, kind):
+    if kind is str:
+        if value not in CHOICES[name]:
+            raise InputError(f"{name} takes {' or '.join(CHOICES[name])}, not {value!r}")
+        return value
     if isinstance(value, str):
         text = value.strip().lower()
         if kind is bool:
@@ -99,6 +107,7 @@ class CryptPath:
     data is stored in the clear, as in a qcow2 backing file); ``store`` has
     ``read_into``, ``write`` and ``flush``.  :meth:`read` and :meth:`write` run inside
     :meth:`request`, which the volume opens once per NBD request.  Thread-safe.
+    Worker processes need the key: :meth:`allow_processes`.
     """
 
     def __init__(self, cipher, store, settings=Settings()):
@@ -106,30 +115,55 @@ class CryptPath:
         self.store = store
         self.stats = Stats()
         self._settings = settings
+        self._recipe = None
         self._throttle = Throttle(settings.throttle_bps, settings.throttle_ops)
-        self._pool = _pool(settings.workers)
+        self._pool = self._new_pool(settings)
         self._cpu_pools = {}
         self._writer = SortedWriter(store)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held only to pick a pool or swap one
+        self._configuring = threading.Lock()
         self._current = threading.local()  # the request this thread is serving
 
     @property
     def settings(self):
         return self._settings
 
+    def allow_processes(self, key):
+        """Keep a copy of the cipher's key, so worker processes can be started (now or
+        on a later ``worker_type=process``); :meth:`close` wipes it."""
+        if self.cipher is not None:
+            self._recipe = CipherRecipe(self.cipher, key)
+
     def configure(self, changes):
         """Apply changes (name -> value) for the next request; returns the new settings.
-        A resized pool replaces the old one, which finishes the jobs it holds."""
-        with self._lock:
-            new = self._settings.updated(changes)
+        A new pool (other size or type) replaces the old one, which finishes the jobs
+        it holds; it is started before anything changes, so a failure changes nothing."""
+        with self._configuring:
+            old = self._settings
+            new = old.updated(changes)
             if new.workers < 1:
                 raise InputError("workers must be at least 1")
-            if new.workers != self._settings.workers:
-                self._pool.shutdown(wait=False)
-                self._pool = _pool(new.workers)
-            self._throttle.set_rates(new.throttle_bps, new.throttle_ops)
-            self._settings = new
+            pool = None
+            if (new.workers, new.worker_type) != (old.workers, old.worker_type):
+                pool = self._new_pool(new)
+            with self._lock:
+                retired = []
+                if pool is not None:
+                    retired, self._pool = [self._pool], pool
+                if new.worker_type != old.worker_type:
+                    retired += self._cpu_pools.values()
+                    self._cpu_pools = {}
+                self._throttle.set_rates(new.throttle_bps, new.throttle_ops)
+                self._settings = new
+            for old_pool in retired:
+                old_pool.retire()
             return new
+
+    def worker_pids(self):
+        """The worker processes' pids (none with threads)."""
+        with self._lock:
+            pools = [self._pool, *self._cpu_pools.values()]
+        return sorted(pid for pool in pools for pid in pool.pids())
 
     @contextmanager
     def request(self, direction, nbytes):
@@ -152,24 +186,21 @@ class CryptPath:
         settings, timing = self._current.request
         timing.time("io", self.store.read_into, buf, offset)
         if self.cipher is not None:
-            decrypt = (timing.time, "crypto", self.cipher.decrypt, buf, sector)
-            self._run(settings.no_read_workqueue, settings, timing, *decrypt)
+            self._crypt(settings.no_read_workqueue, settings, timing, False, buf, sector)
 
     def write(self, buf, offset, sector, fua=False):
         """Encrypt ``buf`` (a scratch buffer, changed in place) and store it at ``offset``."""
         settings, timing = self._current.request
-        if self.cipher is None:
+
+        def write_now():
             timing.time("io", self.store.write, buf, offset, fua)
-            return
 
-        def encrypt_and_write(write):
-            timing.time("crypto", self.cipher.encrypt, buf, sector)
-            timing.time("io", write, buf, offset, fua)
-
-        if settings.no_write_workqueue or settings.submit_from_crypt_cpus:
-            self._run(settings.no_write_workqueue, settings, timing, encrypt_and_write, self.store.write)
+        if self.cipher is None:
+            write_now()
+        elif settings.no_write_workqueue or settings.submit_from_crypt_cpus:
+            self._crypt(settings.no_write_workqueue, settings, timing, True, buf, sector, then=write_now)
         else:
-            self._run(False, settings, timing, timing.time, "crypto", self.cipher.encrypt, buf, sector)
+            self._crypt(False, settings, timing, True, buf, sector)
             timing.time("io", self._writer.write, buf, offset, fua)
 
     def flush(self):
@@ -179,21 +210,22 @@ class CryptPath:
     def close(self):
         self._writer.close()
         for pool in [self._pool, *self._cpu_pools.values()]:
-            pool.shutdown(wait=True)
+            pool.close(wait=True)
+        if self._recipe is not None:
+            self._recipe.wipe()
 
-    def _run(self, inline, settings, timing, work, *args):
-        """Run ``work(*args)`` here, or on a crypt worker and wait for it."""
+    def _crypt(self, inline, settings, timing, encrypt, buf, sector, then=None):
+        """Encrypt or decrypt ``buf`` here or on a crypt worker, then call ``then()``
+        (on the worker's side), and wait for both."""
         if inline:
-            return work(*args)
-        submitted = time.perf_counter()
-
-        def job():
-            timing.add("queue", time.perf_counter() - submitted)
-            return work(*args)
-
+            timing.time("crypto", self.cipher.encrypt if encrypt else self.cipher.decrypt, buf, sector)
+            if then is not None:
+                then()
+            return
         with self._lock:  # not while configure() swaps the pool
-            future = self._pool_for(settings).submit(job)
-        return future.result()
+            pool = self._pool_for(settings)
+            pool.enter()
+        pool.run(timing, encrypt, buf, sector, then)
 
     def _pool_for(self, settings):
         """The shared pool, or the submitting CPU's own pinned worker (lock held)."""
@@ -201,17 +233,15 @@ class CryptPath:
             return self._pool
         cpu = current_cpu()
         if cpu not in self._cpu_pools:
-            self._cpu_pools[cpu] = ThreadPoolExecutor(
-                1, thread_name_prefix=f"kcryptd/{cpu}", initializer=_pin_to_cpu, initargs=(cpu,))
+            self._cpu_pools[cpu] = self._new_pool(replace(self._settings, workers=1), cpu)
         return self._cpu_pools[cpu]
 
-
-def _pool(workers):
-    return ThreadPoolExecutor(workers, thread_name_prefix="kcryptd")
-
-
-def _pin_to_cpu(cpu):
-    os.sched_setaffinity(0, {cpu})  # 0 = the calling thread on Linux
+    def _new_pool(self, settings, cpu=None):
+        if settings.worker_type == "thread" or self.cipher is None:
+            return ThreadWorkers(self.cipher, settings.workers, cpu)
+        if self._recipe is None:
+            raise InputError("worker processes need the key: call allow_processes(key) first")
+        return ProcessWorkers(self._recipe, settings.workers, cpu, self.stats.count_worker_restart)
 
 
 class SortedWriter:

@@ -1,0 +1,414 @@
+"""Crypt workers for the queueing layer: threads of this process, or worker processes.
+
+A pool encrypts or decrypts one request's buffer in place, then makes a follow-up
+call (the write, with submit_from_crypt_cpus), for
+:class:`nbdcrypt.plugin.queueing.CryptPath`, which waits for both.  Threads share
+the volume's cipher: the engine spends large requests inside OpenSSL and numpy
+with the GIL released (docs/queueing.md has the measurements).
+
+Worker processes (``worker_type=process``) run ``python3 -m nbdcrypt.plugin.workers``
+with two inherited descriptors: one end of a SOCK_SEQPACKET socket pair, and a memfd
+that both sides map, the *slot*, which holds the request's data, so no data is
+pickled or sent through the socket.  The cipher's parameters and key arrive as the
+socket's first two messages, never on the command line or in the environment; the
+worker makes itself undumpable, without core dumps and killed with its parent
+before it reads them, and wipes its copy of the key once the cipher is built.
+Then each request message (encrypt?, length, first sector) transforms the first
+``length`` bytes of the slot in place and the reply carries the crypto time or an
+error.  Requests longer than the slot go through it in pieces.
+
+A worker that dies fails the request it was serving with EIO (its socket reads
+end-of-file), and the thread that waits for its exit starts a replacement.
+"""
+
+import ctypes
+import errno
+import json
+import mmap
+import os
+import queue
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..crypto.engine import SectorCipher
+from ..crypto.spec import CipherSpec
+from ..errors import NbdcryptError, StoreError, UnsupportedError
+
+MODULE = "nbdcrypt.plugin.workers"
+SLOT = 4 << 20  # shared memory per worker process; a multiple of every sector size
+START_TIMEOUT = 60.0  # for a new worker to import its modules and build its cipher
+WAIT_TIMEOUT = 60.0  # for a free worker, before a request fails with EIO
+PROBE_SECTOR = (1 << 40) + 3  # far out, so IV options show in the ciphertext
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+
+_REQUEST = struct.Struct("=?IQ")  # encrypt, length, first sector
+_REPLY = struct.Struct("=?d")  # ok, crypto seconds; when not ok an error message follows
+_MAX_MESSAGE = 4096
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# Every worker process is forked by this one long-lived thread: PR_SET_PDEATHSIG
+# fires when the *thread* that forked a child ends, and nbdkit's request threads
+# and the control server's come and go.
+_spawner = ThreadPoolExecutor(1, thread_name_prefix="nbdcrypt-spawn")
+
+
+class _Pool:
+    """A pool serves requests until retired, then closes once the last has left."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._retired = False
+
+    def enter(self):
+        """Count a request in.  Call it under the lock that chose this pool, so a
+        retire() cannot close the pool in between; :meth:`run` counts it out."""
+        with self._lock:
+            self._users += 1
+
+    def run(self, timing, encrypt, buf, sector, then=None):
+        """Encrypt (or decrypt) ``buf`` in place on a worker, then call ``then()``;
+        return when both are done.  Adds the queue and crypto phases to ``timing``."""
+        try:
+            self._run(timing, encrypt, buf, sector, then)
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._retired and not self._users
+            if last:
+                self.close(wait=False)
+
+    def retire(self):
+        with self._lock:
+            self._retired = True
+            idle = not self._users
+        if idle:
+            self.close(wait=False)
+
+    def pids(self):
+        return []
+
+
+class ThreadWorkers(_Pool):
+    """``count`` threads sharing ``cipher``; with ``cpu``, pinned to that CPU."""
+
+    def __init__(self, cipher, count, cpu=None):
+        super().__init__()
+        self._cipher = cipher
+        pinned = {} if cpu is None else dict(initializer=os.sched_setaffinity, initargs=(0, {cpu}))
+        self._executor = ThreadPoolExecutor(
+            count, thread_name_prefix="kcryptd" if cpu is None else f"kcryptd/{cpu}", **pinned)
+
+    def _run(self, timing, encrypt, buf, sector, then):
+        submitted = time.perf_counter()
+
+        def job():
+            timing.add("queue", time.perf_counter() - submitted)
+            timing.time("crypto", self._cipher.encrypt if encrypt else self._cipher.decrypt, buf, sector)
+            if then is not None:
+                then()
+
+        self._executor.submit(job).result()
+
+    def close(self, wait=True):
+        self._executor.shutdown(wait=wait)
+
+
+class ProcessWorkers(_Pool):
+    """``count`` worker processes with ``recipe``'s cipher; with ``cpu``, pinned to
+    that CPU.  ``on_restart()`` is called for each one that died and was replaced.
+    The request thread hands its buffer to a free worker itself; then() runs there."""
+
+    def __init__(self, recipe, count, cpu=None, on_restart=lambda: None):
+        super().__init__()
+        self._recipe, self._cpu, self._on_restart = recipe, cpu, on_restart
+        self._idle = queue.SimpleQueue()
+        self._live = set()
+        starting = []
+        try:
+            for _ in range(count):  # spawn all first: they import their modules in parallel
+                starting.append(_WorkerProcess(recipe, cpu))
+            for worker in starting:
+                worker.handshake()
+        except BaseException:
+            for worker in starting:
+                worker.abort()
+            raise
+        for worker in starting:
+            self._serve(worker)
+
+    def pids(self):
+        with self._lock:
+            return [worker.pid for worker in self._live]
+
+    def close(self, wait=True):
+        """Close every idle worker's socket, so it exits; with ``wait``, wait for that."""
+        with self._lock:
+            self._retired = True
+            live = list(self._live)
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
+        if wait:
+            for worker in live:
+                worker.process.wait()
+
+    def _run(self, timing, encrypt, buf, sector, then):
+        start = time.perf_counter()
+        worker = self._acquire()
+        try:
+            crypto = worker.crypt(encrypt, buf, sector)
+        finally:
+            if worker.dead:
+                worker.close()
+            else:
+                self._idle.put(worker)
+        timing.add("crypto", crypto)
+        timing.add("queue", time.perf_counter() - start - crypto)  # waiting, copies and hand-offs
+        if then is not None:
+            then()
+
+    def _acquire(self):
+        deadline = time.monotonic() + WAIT_TIMEOUT
+        while True:
+            try:
+                worker = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise StoreError(f"no crypt worker process was free for {WAIT_TIMEOUT:.0f} s", errno.EIO) from None
+            if not worker.dead:
+                return worker
+            worker.close()  # died while idle; its watcher is starting another
+
+    def _serve(self, worker):
+        """Put a ready worker to work, watched until it exits."""
+        with self._lock:
+            if self._retired:
+                worker.abort()
+                return
+            self._live.add(worker)
+            self._idle.put(worker)  # under the lock: close() either sees it or comes first
+        threading.Thread(target=self._watch, args=(worker,), name=f"nbdcrypt-watch/{worker.pid}",
+                         daemon=True).start()
+
+    def _watch(self, worker):
+        status = worker.process.wait()
+        worker.dead = True
+        with self._lock:
+            self._live.discard(worker)
+            if self._retired:
+                return
+        self._on_restart()
+        cause = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
+        print(f"nbdcrypt: crypt worker process {worker.pid} {cause}; starting another",
+              file=sys.stderr, flush=True)
+        replacement = self._replacement()
+        if replacement is not None:
+            self._serve(replacement)
+
+    def _replacement(self):
+        """A new ready worker (None if the pool closes first); starting is retried
+        every second while it fails (requests wait meanwhile, up to WAIT_TIMEOUT)."""
+        while not self._retired:
+            worker = None
+            try:
+                worker = _WorkerProcess(self._recipe, self._cpu)
+                worker.handshake()
+                return worker
+            except NbdcryptError as e:
+                if worker is not None:
+                    worker.abort()
+                print(f"nbdcrypt: {e}", file=sys.stderr, flush=True)
+                time.sleep(1.0)
+        return None
+
+
+class CipherRecipe:
+    """What a worker process needs to build the same cipher as ``cipher``: its
+    parameters and a copy of ``key`` (:meth:`wipe` it when done)."""
+
+    def __init__(self, cipher, key):
+        # SectorCipher keeps its IV options to itself; the probe below catches any drift.
+        self.params = {"spec": str(cipher.spec), "sector_size": cipher.sector_size,
+                       "iv_large_sectors": cipher._iv_step == 1, "iv_tweak": cipher._iv_tweak}
+        self.key = bytearray(key)
+        if _probe(cipher) != _probe(build_cipher(self.params, self.key)):
+            self.wipe()
+            raise UnsupportedError(f"cannot rebuild the {cipher.spec} cipher in a worker process")
+
+    def wipe(self):
+        _wipe(self.key)
+
+
+def build_cipher(params, key):
+    return SectorCipher(CipherSpec.parse(params["spec"]), key, params["sector_size"],
+                        params["iv_large_sectors"], params["iv_tweak"])
+
+
+def _probe(cipher):
+    data = bytearray(bytes(range(256)) * (2 * cipher.sector_size // 256))
+    cipher.encrypt(data, PROBE_SECTOR)
+    return data
+
+
+class _WorkerProcess:
+    """One worker process as the plugin sees it: its Popen, socket and slot."""
+
+    def __init__(self, recipe, cpu=None):
+        self.recipe = recipe
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        slot_fd = os.memfd_create("nbdcrypt-slot")
+        try:
+            os.ftruncate(slot_fd, SLOT)
+            self._slot = mmap.mmap(slot_fd, SLOT)
+            command = [_interpreter(), "-P", "-m", MODULE, str(theirs.fileno()), str(slot_fd), str(os.getpid())]
+            self.process = _spawner.submit(
+                subprocess.Popen, command, pass_fds=(theirs.fileno(), slot_fd), env=_environment(),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).result()
+        except OSError as e:
+            ours.close()
+            raise NbdcryptError(f"cannot start a crypt worker process: {e.strerror or e}") from None
+        finally:
+            os.close(slot_fd)
+            theirs.close()
+        self.pid = self.process.pid
+        self.dead = False
+        self._sock = ours
+        self._view = memoryview(self._slot)
+        if cpu is not None:
+            os.sched_setaffinity(self.pid, {cpu})
+
+    def handshake(self):
+        """Hand over the cipher and wait until the worker is ready."""
+        self._sock.settimeout(START_TIMEOUT)
+        try:
+            self._send(json.dumps(self.recipe.params).encode())
+            self._send(self.recipe.key)
+            self._reply()
+        except (StoreError, TimeoutError) as e:
+            raise NbdcryptError(f"crypt worker process {self.pid} did not start: "
+                                f"{e if str(e) else 'timed out'}") from None
+        finally:
+            self._sock.settimeout(None)
+
+    def crypt(self, encrypt, buf, sector):
+        """Encrypt or decrypt ``buf`` in place through the slot; the worker's crypto
+        seconds.  StoreError (EIO) on failure; ``dead`` tells if the worker is gone."""
+        data = memoryview(buf).cast("B")
+        seconds = 0.0
+        for start in range(0, len(data), SLOT):
+            piece = data[start:start + SLOT]
+            self._view[:len(piece)] = piece
+            self._send(_REQUEST.pack(encrypt, len(piece), sector + start // self.recipe.params["sector_size"]))
+            seconds += self._reply()
+            piece[:] = self._view[:len(piece)]
+        return seconds
+
+    def close(self):
+        """Close our ends: the worker reads end-of-file and exits."""
+        self._sock.close()
+        self._view.release()
+        self._slot.close()
+
+    def abort(self):
+        self.process.kill()
+        self.process.wait()
+        self.close()
+
+    def _send(self, message):
+        try:
+            self._sock.send(message, socket.MSG_NOSIGNAL)
+        except ConnectionError:
+            self._died()
+
+    def _reply(self):
+        try:
+            message = self._sock.recv(_MAX_MESSAGE)
+        except ConnectionError:
+            message = b""
+        if not message:
+            self._died()
+        ok, seconds = _REPLY.unpack_from(message)
+        if not ok:
+            error = message[_REPLY.size:].decode(errors="replace")
+            raise StoreError(f"crypt worker process {self.pid}: {error}", errno.EIO)
+        return seconds
+
+    def _died(self):
+        self.dead = True
+        raise StoreError(f"crypt worker process {self.pid} died", errno.EIO)
+
+
+def _interpreter():
+    """The Python that nbdkit embeds (inside nbdkit, sys.executable is just the
+    first python3 on PATH)."""
+    return os.path.join(sys.base_exec_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
+
+
+def _environment():
+    """Only a PYTHONPATH that imports what this interpreter imports."""
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in sys.path if p and os.path.isdir(p)))}
+
+
+def _wipe(buf):
+    buf[:] = bytes(len(buf))
+
+
+# The worker process.
+
+def main(sock_fd, slot_fd, parent):
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        return 1  # the parent died before we asked to die with it
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # Sent to the whole process group or cgroup, they are for serve: it stops
+        # nbdkit, whose exit ends us (end-of-file, or PR_SET_PDEATHSIG).
+        signal.signal(signum, signal.SIG_IGN)
+    sock = socket.socket(fileno=sock_fd)
+    slot = memoryview(mmap.mmap(slot_fd, SLOT))
+    os.close(slot_fd)
+    try:
+        cipher = _receive_cipher(sock)
+    except Exception as e:  # reported to the plugin, which reports it
+        _answer(sock, False, error=e)
+        return 1
+    _answer(sock, True)
+    while request := sock.recv(_MAX_MESSAGE):
+        encrypt, length, sector = _REQUEST.unpack(request)
+        start = time.perf_counter()
+        try:
+            (cipher.encrypt if encrypt else cipher.decrypt)(slot[:length], sector)
+        except Exception as e:  # fails this request with EIO, not the worker
+            _answer(sock, False, error=e)
+        else:
+            _answer(sock, True, time.perf_counter() - start)
+    return 0  # end-of-file: the pool closed us, or the plugin is gone
+
+
+def _receive_cipher(sock):
+    params = json.loads(sock.recv(_MAX_MESSAGE))
+    key = bytearray(_MAX_MESSAGE)
+    try:
+        size = sock.recv_into(key)
+        return build_cipher(params, memoryview(key)[:size])
+    finally:
+        _wipe(key)
+
+
+def _answer(sock, ok, seconds=0.0, error=None):
+    message = "" if error is None else str(error) or type(error).__name__
+    sock.send(_REPLY.pack(ok, seconds) + message.encode()[:1024])
+
+
+if __name__ == "__main__":
+    sys.exit(main(*map(int, sys.argv[1:4])))
