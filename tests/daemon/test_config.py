@@ -20,6 +20,7 @@ def test_serves_from_a_config_file(tmp_path, image, key_file, nbd_handle):
     ('image = "x"\nsokcet = "/tmp/s"\n', "unknown key 'sokcet'"),
     ('image = "x"\nworkers = "4"\n', "workers must be an integer, not str"),
     ('image = "x"\nreadonly = 1\n', "readonly must be true or false, not int"),
+    ('image = "x"\nbacking-key-file = ["a", 1]\n', "backing-key-file must be a string or a list of them, not int"),
     ('image = "x\n', "not valid TOML"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, text, message):

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import random_file, serving
+from tests.conftest import qemu_img_create, random_file, serving
 from tests.tools import nbdcrypt_cmd, require, run
 
 SIZE = 16 << 20
@@ -16,9 +16,9 @@ def qemu_opts(image, key_file):
 def test_qemu_and_nbdcrypt_agree_on_a_served_qcow2(tmp_path, key_file):
     require("qemu-img", "qemu-io", "nbdcopy", "nbdinfo")
     image = tmp_path / "img.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s0,file={key_file}",
-         "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=65536",
-         str(image), str(SIZE)])
+    qemu_img_create("-f", "qcow2", "--object", f"secret,id=s0,file={key_file}",
+                    "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=65536",
+                    image, SIZE)
     run(["qemu-io"] + qemu_opts(image, key_file) + ["-c", "write -P 0x3c 1M 200k"])
     with serving(image, key_file) as uri:
         extents = json.loads(run(["nbdinfo", "--map", "--json", uri]).stdout)

@@ -19,6 +19,7 @@ import pytest
 from nbdcrypt.errors import BadPassphraseError
 from nbdcrypt.formats import open_header
 from nbdcrypt.formats.luks1 import format_luks1, layout
+from tests.conftest import qemu_img_create
 from tests.tools import require, run, write_key
 
 PASSPHRASE = b"correct horse battery staple"
@@ -52,17 +53,10 @@ FORMAT_SPECS = [
 ]
 
 
-def qemu_img_create(path, key, options):
-    """qemu-img create -f luks, retried: QEMU's PBKDF2 benchmark sometimes fails with
-    "Unable to get accurate CPU usage" when a CPU-time sample reads 0 ms."""
-    cmd = ["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={key}",
-           "-o", f"key-secret=s0,iter-time=10,{options}", str(path), str(SIZE)]
-    for _ in range(20):  # a failed try costs milliseconds
-        result = run(cmd, check=False)
-        if result.returncode == 0 or "accurate CPU usage" not in result.stderr:
-            break
-        path.unlink(missing_ok=True)
-    assert result.returncode == 0, result.stderr
+def qemu_luks(path, key, options):
+    """A LUKS image made by qemu-img create with qemu's luks ``options``."""
+    qemu_img_create("-f", "luks", "--object", f"secret,id=s0,file={key}",
+                    "-o", f"key-secret=s0,iter-time=10,{options}", path, SIZE)
     return path
 
 
@@ -113,7 +107,7 @@ def qemu_images(request, tmp_path_factory, key):
     cache = request.config.cache.mkdir(f"luks1-qemu-{tag}")
 
     def make(image):
-        partial = qemu_img_create(cache / f"{image[0]}.tmp", key, image[1])
+        partial = qemu_luks(cache / f"{image[0]}.tmp", key, image[1])
         partial.replace(cache / f"{image[0]}.img")
 
     missing = [image for image in QEMU_IMAGES if not (cache / f"{image[0]}.img").exists()]

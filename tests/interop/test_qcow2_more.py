@@ -280,6 +280,42 @@ def test_encrypted_backing_file_with_its_own_key(tmp_path, key_file, nbd_handle,
     assert expected.read_bytes() == model
 
 
+def test_each_encrypted_backing_file_with_its_own_key(tmp_path, key_file, nbd_handle):
+    """base (LUKS) <- middle (legacy AES) <- image (LUKS), three passphrases: served with
+    one backing key per encrypted backing file, nearest first (a list in the config file),
+    the data as QEMU reads it; the keys in the wrong order, or one too many: one line, exit 2."""
+    base_key = write_key(tmp_path / "base.key", BASE_PASSPHRASE)
+    middle_key = write_key(tmp_path / "middle.key", b"0123456789abcdef")  # AES-128: the key itself
+    base = qemu_create(tmp_path / "base.qcow2", base_key, 4 * MiB, "luks", 65536)
+    qemu_io(base, base_key, "write -P 0x5a 0 2M")
+    middle = qemu_create(tmp_path / "middle.qcow2", middle_key, 4 * MiB, "aes", 65536,
+                         backing=(base.name, "qcow2"))
+    image = qemu_create(tmp_path / "img.qcow2", key_file, 4 * MiB, "luks", 65536,
+                        backing=(middle.name, "qcow2"))
+    secrets = [f"secret,id={name},file={path}" for name, path in
+               (("s0", key_file), ("s1", middle_key), ("s2", base_key))]
+    opts = [arg for secret in secrets for arg in ("--object", secret)] + [
+        "--image-opts", f"driver=qcow2,encrypt.key-secret=s0,file.filename={image},"
+                        f"backing.encrypt.key-secret=s1,backing.backing.encrypt.key-secret=s2"]
+    run(["qemu-io"] + opts + ["-c", "write -P 0x6b 1M 64k"])  # into the middle via the image
+    run(["qemu-io", "--object", secrets[1], "--object", secrets[2], "--image-opts",
+         f"driver=qcow2,encrypt.key-secret=s1,file.filename={middle},backing.encrypt.key-secret=s2",
+         "-c", "write -P 0x7c 3M 64k"])
+    expected = tmp_path / "expected.raw"
+    run(["qemu-img", "convert", "-O", "raw"] + opts + [str(expected)])
+    model = expected.read_bytes()
+    assert model[3 * MiB:3 * MiB + 65536] == b"\x7c" * 65536 and model[:1024] == b"\x5a" * 1024
+    config = tmp_path / "serve.toml"
+    config.write_text(f'backing-key-file = ["{middle_key}", "{base_key}"]\n')
+    with serving(image, key_file, "--config", str(config)) as uri:
+        assert nbd_handle(uri).pread(len(model), 0) == model
+    keys = ["--backing-key-file", str(middle_key), "--backing-key-file", str(base_key)]
+    swapped = ["--backing-key-file", str(base_key), "--backing-key-file", str(middle_key)]
+    assert "base.qcow2" in serve_error(image, key_file, tmp_path, *swapped)
+    assert "3 backing keys for 2 encrypted backing files" in serve_error(
+        image, key_file, tmp_path, *keys, "--backing-key-file", str(base_key))
+
+
 def serve_error(image, key_file, tmp_path, *extra):
     result = run(nbdcrypt_cmd() + ["serve", str(image), "--key-file", str(key_file), "--socket",
                                    str(tmp_path / "err.sock"), *extra], check=False)

@@ -10,7 +10,7 @@ import pytest
 
 from nbdcrypt.formats.qcow2 import Qcow2Header, create
 from nbdcrypt.plugin.store import FileStore
-from tests.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE, qemu_img_create
 from tests.tools import require, run
 
 pytestmark = pytest.mark.usefixtures("tools")
@@ -30,15 +30,8 @@ def qemu_create(image, key_file, size, encrypt="luks", cluster_size=65536, compa
         options.append("encrypt.iter-time=10")
     if backing:
         options += [f"backing_file={backing[0]}", f"backing_fmt={backing[1]}"]
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s0,file={key_file}",
-           "-o", ",".join(options), str(image), str(size)]
-    # QEMU's PBKDF2 calibration now and then fails with "Unable to get accurate CPU
-    # usage" (see qemu_luks_create in conftest): run it again.
-    for _ in range(30):
-        result = run(cmd, check=False)
-        if "Unable to get accurate CPU usage" not in result.stderr:
-            break
-    assert result.returncode == 0, result.stderr
+    qemu_img_create("-f", "qcow2", "--object", f"secret,id=s0,file={key_file}", "-o", ",".join(options),
+                    image, size)
     return image
 
 

@@ -54,9 +54,10 @@ class SectorCipher:
             raise InputError(f"sector size {sector_size} is not one of {SECTOR_SIZES}")
         self.spec = spec
         self.sector_size = sector_size
+        self.iv_large_sectors = iv_large_sectors
+        self.iv_tweak = iv_tweak
         # dm-crypt counts IV sectors in 512-byte units unless told otherwise.
         self._iv_step = 1 if iv_large_sectors else sector_size // 512
-        self._iv_tweak = iv_tweak
         self._ivgen = _IvGenerator(spec, key)
         self._mode = _MODES[spec.mode](spec.cipher, key, sector_size)
         self._idle = []  # _ThreadStates no call is using
@@ -83,7 +84,7 @@ class SectorCipher:
         try:
             for first in range(0, len(blocks), per_chunk):
                 chunk = blocks[first:first + per_chunk]
-                iv_sector = ((sector + first) * self._iv_step + self._iv_tweak) & _MASK64
+                iv_sector = ((sector + first) * self._iv_step + self.iv_tweak) & _MASK64
                 ivs = self._ivgen.ivs(state, iv_sector, self._iv_step, len(chunk))
                 self._mode.apply(state, chunk, ivs, encrypt)
         finally:

@@ -78,8 +78,10 @@ def build_parser():
     serve.add_argument("image", metavar="IMAGE", nargs="?", help="encrypted image file (or `image` in --config)")
     add_key_options(serve)
     serve.add_argument("--header", metavar="FILE", help="detached LUKS header file")
-    serve.add_argument("--backing-key-file", metavar="FILE",
-                       help="read the passphrase of encrypted qcow2 backing files from FILE (whole file)")
+    serve.add_argument("--backing-key-file", metavar="FILE", action="append",
+                       help="read the passphrase of an encrypted qcow2 backing file from FILE (whole file); "
+                            "repeat for each encrypted backing file, nearest first (the last one given "
+                            "also opens deeper ones)")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH",
                        help="listen on this Unix socket (default: /run/nbdcrypt/IMAGE.sock, or "

@@ -13,6 +13,7 @@ Options given on the command line win over the file: a value option left unset
 (None) or a flag left off takes the file's value.
 """
 
+import argparse
 import tomllib
 
 from ..errors import InputError
@@ -73,10 +74,14 @@ def load(path, keys):
         if name not in keys:
             raise InputError(f"{path}: unknown key {name!r} (known: {', '.join(sorted(keys))})")
         action = keys[name]
+        repeatable = isinstance(action, argparse._AppendAction)
+        items = value if repeatable and type(value) is list else [value]
         expected = _kind(action)
-        if type(value) is not expected:  # bool is an int: be exact
-            raise InputError(f"{path}: {name} must be {_KIND_NAMES[expected]}, not {type(value).__name__}")
-        values[action.dest] = value
+        for item in items:
+            if type(item) is not expected:  # bool is an int: be exact
+                kind = _KIND_NAMES[expected] + (" or a list of them" if repeatable else "")
+                raise InputError(f"{path}: {name} must be {kind}, not {type(item).__name__}")
+        values[action.dest] = items if repeatable else value
     return values
 
 

@@ -55,16 +55,16 @@ def main(args):
     notify(f"STATUS=unlocking {image}")
     passphrase = keys.read_passphrase(args.key_file, args.passphrase_fd, prompt=f"Enter passphrase for {image}: ",
                                       credential=args.key_credential, keyring=args.key_keyring)
-    backing_passphrase = None
+    backing_passphrases = []
     try:
-        if args.backing_key_file:
-            backing_passphrase = keys.read_passphrase(args.backing_key_file)
+        for path in args.backing_key_file or ():
+            backing_passphrases.append(keys.read_passphrase(path))
         return serve(image, passphrase, listener, header=args.header, readonly=args.readonly,
                      settings=settings, control=args.control, metrics=args.metrics, notify=notify,
-                     backing_passphrase=backing_passphrase)
+                     backing_passphrases=backing_passphrases)
     finally:
-        keys.wipe(passphrase)
-        keys.wipe(backing_passphrase)
+        for secret in [passphrase, *backing_passphrases]:
+            keys.wipe(secret)
 
 
 def queueing_settings(args):
@@ -77,7 +77,7 @@ def queueing_settings(args):
     return settings
 
 
-def unlock(image, header_path, passphrase, readonly, backing_passphrase=None):
+def unlock(image, header_path, passphrase, readonly, backing_passphrases=()):
     """Check the image opens as it will be served (exists, writable unless ``readonly``)
     and return ``(header, master_key, payload_size)``; the key (followed by those of
     encrypted qcow2 backing files: :func:`~nbdcrypt.plugin.export.unlock_all`) is
@@ -87,7 +87,7 @@ def unlock(image, header_path, passphrase, readonly, backing_passphrase=None):
         with header_file(image, header_path, store) as f:
             header = read_header(f, header_path or image)
             size = header.payload_size(store.size())  # a header that does not fit: before any KDF runs
-            key = unlock_all(header, f, image, passphrase, backing_passphrase)
+            key = unlock_all(header, f, image, passphrase, backing_passphrases)
             return header, keys.lock(key), size
     finally:
         store.close()
@@ -118,19 +118,19 @@ def plugin_environment(listener):
 
 
 def serve(image, passphrase, listener, header=None, readonly=False, settings=None, control=None,
-          notify=Notifier(), log=print, backing_passphrase=None, metrics=None):
+          notify=Notifier(), log=print, backing_passphrases=(), metrics=None):
     """Serve ``image`` until SIGTERM/SIGINT/SIGHUP; return nbdkit's exit status.
 
     ``listener`` comes from :func:`choose_listener`; ``settings`` are queueing-layer
-    settings; ``control`` is the control socket's path; ``backing_passphrase`` opens
-    encrypted qcow2 backing files; ``metrics`` is where to serve Prometheus metrics."""
+    settings; ``control`` is the control socket's path; ``backing_passphrases`` open
+    encrypted qcow2 backing files, nearest first; ``metrics`` is where to serve Prometheus metrics."""
     params = dict(settings or {})
     if control:
         params["control"] = os.path.abspath(control)
     if metrics:
         params["metrics"] = absolute_address(metrics)
     header = os.path.abspath(header) if header else None
-    hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrase)
+    hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases)
     banner = (f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, {size} bytes) "
               f"at {listener.uri}")
     try:

@@ -23,7 +23,8 @@ PARAMETERS = {
     "master-key-fd": "file descriptor to read the master key from (the daemon's handover), "
                      "followed by those of encrypted qcow2 backing files",
     "key-file": "file holding the passphrase (when run without the daemon)",
-    "backing-key-file": "file holding the passphrase of encrypted qcow2 backing files (with key-file)",
+    "backing-key-file": "file holding the passphrase of an encrypted qcow2 backing file (with key-file; "
+                        "repeat for each, nearest first)",
     "readonly": "true to open the image read-only",
     "control": "Unix socket for runtime control and statistics (nbdcrypt ctl)",
     "metrics": "Prometheus metrics over HTTP: a Unix socket PATH, a PORT on 127.0.0.1, or HOST:PORT",
@@ -43,7 +44,10 @@ class Export:
     def config(self, key, value):
         if key not in PARAMETERS:
             raise InputError(f"unknown parameter {key}; known: {', '.join(PARAMETERS)}")
-        self.params[key] = value
+        if key == "backing-key-file":
+            self.params.setdefault(key, []).append(value)
+        else:
+            self.params[key] = value
 
     def config_complete(self):
         if "image" not in self.params:
@@ -94,20 +98,19 @@ class Export:
         """(the image's master key, those of its encrypted backing files)."""
         image = self.params["image"]
         if "key-file" in self.params:
-            backing = self.params.get("backing-key-file")
-            keys = unlock_all(header, f, image, _read_file(self.params["key-file"]),
-                              _read_file(backing) if backing else None)
+            backing = [_read_file(path) for path in self.params.get("backing-key-file", [])]
+            keys = unlock_all(header, f, image, _read_file(self.params["key-file"]), backing)
             return split_keys(header, image, keys)
         key, backing_keys = split_keys(header, image, bytearray(read_all(int(self.params["master-key-fd"]))))
         header.check_master_key(bytes(key))
         return key, backing_keys
 
 
-def unlock_all(header, f, image, passphrase, backing_passphrase=None):
+def unlock_all(header, f, image, passphrase, backing_passphrases=()):
     """The master keys ``image`` needs, as the daemon hands them over: its own, then
     those of its encrypted qcow2 backing files (unlocked first, so a missing backing
     key fails before the image's key derivation).  One bytearray to wipe."""
-    backing = unlock_backing(header, image, backing_passphrase)
+    backing = unlock_backing(header, image, backing_passphrases)
     try:
         key = header.unlock(passphrase, f)
     except BaseException:

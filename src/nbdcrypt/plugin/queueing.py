@@ -100,6 +100,12 @@ def _parse(name, value, kind):
     return value
 
 
+class _Current(threading.local):
+    """The request this thread is serving (None between requests)."""
+
+    request = None
+
+
 class CryptPath:
     """Reads and writes sectors of a store through a cipher on the configured path.
 
@@ -122,7 +128,7 @@ class CryptPath:
         self._writer = SortedWriter(store)
         self._lock = threading.Lock()  # held only to pick a pool or swap one
         self._configuring = threading.Lock()
-        self._current = threading.local()  # the request this thread is serving
+        self._current = _Current()
 
     @property
     def settings(self):
@@ -169,7 +175,7 @@ class CryptPath:
     def request(self, direction, nbytes):
         """One NBD request: counted, throttled and timed, on the settings of its start.
         A request opened inside another (a volume calling itself) is part of it."""
-        if getattr(self._current, "request", None) is not None:
+        if self._current.request is not None:
             yield
             return
         settings = self._settings

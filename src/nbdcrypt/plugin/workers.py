@@ -236,9 +236,8 @@ class CipherRecipe:
     parameters and a copy of ``key`` (:meth:`wipe` it when done)."""
 
     def __init__(self, cipher, key):
-        # SectorCipher keeps its IV options to itself; the probe below catches any drift.
         self.params = {"spec": str(cipher.spec), "sector_size": cipher.sector_size,
-                       "iv_large_sectors": cipher._iv_step == 1, "iv_tweak": cipher._iv_tweak}
+                       "iv_large_sectors": cipher.iv_large_sectors, "iv_tweak": cipher.iv_tweak}
         self.key = bytearray(key)
         if _probe(cipher) != _probe(build_cipher(self.params, self.key)):
             self.wipe()

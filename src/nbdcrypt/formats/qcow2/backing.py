@@ -4,7 +4,9 @@ A backing file is raw or qcow2 (which may have a backing file of its own).  Its
 name is relative to the directory of the image that names it, as in QEMU.  An
 encrypted qcow2 backing file (LUKS or legacy AES) needs its own master key: the
 keys of a chain's encrypted files travel as one buffer, in chain order (nearest
-first), each as long as its header says.
+first), each as long as its header says.  Each is unlocked with its own passphrase,
+given in the same order; the last one given also opens any deeper encrypted file,
+so one passphrase serves a chain that shares it.
 """
 
 import os
@@ -14,6 +16,7 @@ from nbdcrypt.plugin.store import FileStore
 
 MAX_DEPTH = 16
 MISSING_KEY = "the backing file is encrypted: give its passphrase (--backing-key-file)"
+WHICH_KEYS = "one --backing-key-file per encrypted backing file, nearest first"
 
 
 class Backing:
@@ -54,18 +57,22 @@ def backing_chain(header, image_path):
     return chain
 
 
-def unlock_backing(header, image_path, passphrase):
-    """The master keys of the chain's encrypted files, each unlocked with ``passphrase``
-    (one bytearray to wipe; empty if none is encrypted)."""
+def unlock_backing(header, image_path, passphrases):
+    """The master keys of the chain's encrypted files, the k-th unlocked with
+    ``passphrases[k]`` (or the last one, past the end); one bytearray to wipe, empty
+    if none is encrypted."""
     encrypted = [(path, b) for path, b in backing_chain(header, image_path) if b and b.encryption]
-    if passphrase is not None and not encrypted:
+    if passphrases and not encrypted:
         raise InputError(f"{image_path}: a backing key was given, but no backing file is encrypted")
+    if len(passphrases) > len(encrypted):
+        raise InputError(f"{image_path}: {len(passphrases)} backing keys for {len(encrypted)} encrypted "
+                         f"backing files ({WHICH_KEYS})")
     keys = bytearray()
-    for path, backing in encrypted:
-        if passphrase is None:
+    for k, (path, backing) in enumerate(encrypted):
+        if not passphrases:
             raise InputError(f"{path}: {MISSING_KEY}")
         with _open(path) as f:
-            key = backing.unlock(passphrase, f)
+            key = backing.unlock(passphrases[min(k, len(passphrases) - 1)], f)
         keys += key
         key[:] = bytes(len(key))
     return keys
