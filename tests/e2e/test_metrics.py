@@ -6,11 +6,11 @@ import http.client
 import socket
 
 import pytest
+from prometheus_client import parser
 
 from nbdcrypt.daemon.ctl import request
 from tests.conftest import nbdcrypt_luks1, serving
 
-parser = pytest.importorskip("prometheus_client.parser", reason="needs python3-prometheus-client")
 
 WRITES = [4096, 65536, 1 << 20, 1536]  # the last one partial: read-modify-write inside one request
 READS = [4096, 1 << 20, 100]

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client import parser
 
 from nbdcrypt.control import ControlError, decode_reply, decode_request, encode_reply, encode_request
 from nbdcrypt.crypto.engine import SectorCipher
@@ -245,7 +246,6 @@ def test_worker_type_needs_a_known_value_and_the_key(tmp_path):
 
 
 def test_metrics_text_parses_and_matches_the_statistics(tmp_path):
-    parser = pytest.importorskip("prometheus_client.parser", reason="needs python3-prometheus-client")
     volume = volume_on(tmp_path / "img", no_read_workqueue=True)
     for length in (512, 4096, 70_000):
         volume.write(bytes(length), 1024)

@@ -8,8 +8,8 @@ PORT listens on 127.0.0.1, HOST:PORT where it says.  Metrics hold counts and
 timings, nothing secret, so TCP has no authentication; the default keeps them on
 the host.
 
-The text is written here, a few lines, so the plugin imports no client library;
-the tests parse it with prometheus_client, an implementation nobody here wrote.
+prometheus_client writes the text; our own HTTP server serves it, since the
+client's servers cannot listen on a Unix socket or check peer credentials.
 """
 
 import os
@@ -19,27 +19,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import ThreadingMixIn, UnixStreamServer
 from urllib.parse import urlsplit
 
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
 from ..errors import InputError
 from .control_server import bind_private, peer_allowed
 from .stats import BUCKETS_US
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DIRECTIONS = ("read", "write")
 
-# Per direction: key in the statistics, metric, type, help, scale.
+# Per direction: key in the statistics, metric family, help, scale.
 _PER_DIRECTION = (
-    ("ops", "nbdcrypt_requests_total", "counter", "NBD requests finished, failed ones included", 1),
-    ("bytes", "nbdcrypt_bytes_total", "counter", "bytes read or written by successful requests", 1),
-    ("errors", "nbdcrypt_request_errors_total", "counter", "requests that failed (the client got an error)", 1),
-    ("throttled_us", "nbdcrypt_throttled_seconds_total", "counter", "time requests were held by the throttle",
-     1e-6),
-    ("in_flight", "nbdcrypt_requests_in_flight", "gauge", "requests being served now", 1),
-    ("peak_in_flight", "nbdcrypt_requests_in_flight_peak", "gauge",
+    ("ops", CounterMetricFamily, "nbdcrypt_requests_total", "NBD requests finished, failed ones included", 1),
+    ("bytes", CounterMetricFamily, "nbdcrypt_bytes_total", "bytes read or written by successful requests", 1),
+    ("errors", CounterMetricFamily, "nbdcrypt_request_errors_total",
+     "requests that failed (the client got an error)", 1),
+    ("throttled_us", CounterMetricFamily, "nbdcrypt_throttled_seconds_total",
+     "time requests were held by the throttle", 1e-6),
+    ("in_flight", GaugeMetricFamily, "nbdcrypt_requests_in_flight", "requests being served now", 1),
+    ("peak_in_flight", GaugeMetricFamily, "nbdcrypt_requests_in_flight_peak",
      "most requests in flight at once since the statistics were reset", 1),
 )
-_DURATION = ("nbdcrypt_request_duration_seconds", "histogram",
-             "latency of successful requests, by path mode (inline/queued)")
-_PHASE = ("nbdcrypt_request_phase_duration_seconds", "histogram",
+_DURATION = ("nbdcrypt_request_duration_seconds", "latency of successful requests, by path mode (inline/queued)")
+_PHASE = ("nbdcrypt_request_phase_duration_seconds",
           "time successful requests spent in each phase: throttle, queue (waiting for and handing over to "
           "a crypt worker), crypto, io")
 
@@ -63,38 +65,46 @@ def absolute_address(text):
 
 def render(stats, worker_pids=()):
     """The text exposition of a :meth:`Stats.snapshot` taken with ``buckets=True``."""
-    lines = []
-
-    def family(name, kind, help_text, samples):
-        lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
-        lines.extend(f"{name}{suffix}{_labels(labels)} {value!r}" for suffix, labels, value in samples)
-
-    for key, name, kind, help_text, scale in _PER_DIRECTION:
-        family(name, kind, help_text, [("", {"direction": d}, stats[d][key] * scale) for d in DIRECTIONS])
-    latencies = [(d, mode, phase, summary) for d in DIRECTIONS
-                 for mode, phases in stats[d].get("latency_us", {}).items() for phase, summary in phases.items()]
-    family(*_DURATION, [s for d, mode, phase, h in latencies if phase == "total"
-                        for s in _histogram({"direction": d, "mode": mode}, h)])
-    family(*_PHASE, [s for d, mode, phase, h in latencies if phase != "total"
-            for s in _histogram({"direction": d, "mode": mode, "phase": phase}, h)])
-    family("nbdcrypt_worker_processes", "gauge", "crypt worker processes running (0: worker threads)",
-           [("", {}, len(worker_pids))])
-    family("nbdcrypt_worker_restarts_total", "counter", "crypt worker processes that died and were replaced",
-           [("", {}, stats["worker_restarts"])])
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(stats, worker_pids))
+    return generate_latest(registry).decode()
 
 
-def _histogram(labels, summary):
-    buckets = [(bound / 1e6, count) for bound, count in zip(BUCKETS_US, summary["buckets"])]
-    yield from (("_bucket", {**labels, "le": repr(le)}, count) for le, count in buckets)
-    yield "_bucket", {**labels, "le": "+Inf"}, summary["count"]
-    yield "_sum", labels, summary["sum"] / 1e6
-    yield "_count", labels, summary["count"]
+class _Snapshot:
+    """A prometheus_client collector of one statistics snapshot."""
+
+    def __init__(self, stats, worker_pids):
+        self.stats, self.worker_pids = stats, worker_pids
+
+    def collect(self):
+        stats = self.stats
+        for key, family, name, help_text, scale in _PER_DIRECTION:
+            metric = family(name, help_text, labels=["direction"])
+            for d in DIRECTIONS:
+                metric.add_metric([d], stats[d][key] * scale)
+            yield metric
+        duration = HistogramMetricFamily(*_DURATION, labels=["direction", "mode"])
+        phases = HistogramMetricFamily(*_PHASE, labels=["direction", "mode", "phase"])
+        for d in DIRECTIONS:
+            for mode, by_phase in stats[d].get("latency_us", {}).items():
+                for phase, summary in by_phase.items():
+                    if phase == "total":
+                        duration.add_metric([d, mode], *_histogram(summary))
+                    else:
+                        phases.add_metric([d, mode, phase], *_histogram(summary))
+        yield duration
+        yield phases
+        yield GaugeMetricFamily("nbdcrypt_worker_processes", "crypt worker processes running (0: worker threads)",
+                                value=len(self.worker_pids))
+        yield CounterMetricFamily("nbdcrypt_worker_restarts_total",
+                                  "crypt worker processes that died and were replaced",
+                                  value=stats["worker_restarts"])
 
 
-def _labels(labels):
-    # Label values are our own words (read, queued, crypto ...): nothing to escape.
-    return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+def _histogram(summary):
+    """(cumulative buckets in seconds, sum) of a latency summary in microseconds."""
+    buckets = [(repr(bound / 1e6), count) for bound, count in zip(BUCKETS_US, summary["buckets"])]
+    return buckets + [("+Inf", summary["count"])], summary["sum"] / 1e6
 
 
 class MetricsServer:
@@ -134,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.server.crypt_path
         body = render(path.stats.snapshot(buckets=True), path.worker_pids()).encode()
         self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
