@@ -56,7 +56,9 @@ def parse_args(argv):
     p.add_argument("--iter-time", type=int, default=100,
                    help="PBKDF2 milliseconds of the images' keyslots (default: %(default)s; the luks filter pays it per connection)")
     p.add_argument("--targets", type=csv(str), default=[t.name for t in TARGETS if t.default],
-                   help="comma-separated targets (default: all but python-floor) of: " + ",".join(t.name for t in TARGETS))
+                   help="comma-separated targets (default: all but the opt-in "
+                        + ", ".join(t.name for t in TARGETS if not t.default) + ") of: "
+                        + ",".join(t.name for t in TARGETS))
     p.add_argument("--workloads", type=csv(str), help="comma-separated subset of: " + ",".join(fio.WORKLOADS))
     p.add_argument("--bs", type=csv(size), help="comma-separated block sizes (default: 4K,64K,1M)")
     p.add_argument("--qd", type=csv(int), help="comma-separated queue depths (default: 1,8,32)")

@@ -55,10 +55,10 @@ class Target:
         return self.unavailable(paths)
 
 
-def nbdcrypt(name, label, colour, image, *flags, needs=None):
+def nbdcrypt(name, label, colour, image, *flags, needs=None, default=True):
     """``nbdcrypt serve`` on ``image`` with queueing ``flags``; skipped while serve lacks them."""
     needs = needs or ("serve", flags)
-    return Target(name, label, [*NBDCRYPT_SERVE, image, *flags], subject=True, colour=colour,
+    return Target(name, label, [*NBDCRYPT_SERVE, image, *flags], subject=True, colour=colour, default=default,
                   unavailable=lambda paths: _help_lacks(paths, *needs))
 
 
@@ -66,6 +66,9 @@ TARGETS = (
     # nbdcrypt, one line per queueing mode of `serve`.
     nbdcrypt("nbdcrypt", "nbdcrypt (default queueing)", "tab:blue", "{luks1}"),
     nbdcrypt("nbdcrypt-inline", "nbdcrypt inline", "tab:cyan", "{luks1}", "--perf-no_read_workqueue", "--perf-no_write_workqueue"),
+    # Opt-in: crypt workers as processes instead of threads (docs/queueing.md).
+    nbdcrypt("nbdcrypt-processes", "nbdcrypt worker processes", "tab:purple", "{luks1}", "--worker-type", "process",
+             default=False),
     nbdcrypt("nbdcrypt-qcow2", "nbdcrypt qcow2+LUKS", "tab:green", "{qcow2}", needs=("format", ["qcow2"])),
     Target("plaintext", "nbdkit file (plaintext)", ["nbdkit", "-f", "-U", "{sock}", "file", "{raw}"],
            colour="dimgray"),
