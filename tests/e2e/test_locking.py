@@ -3,17 +3,9 @@
 import subprocess
 import time
 
-import pytest
 
-from tests.conftest import nbdcrypt_luks1, serving
+from tests.conftest import serving
 from tests.tools import nbdcrypt_cmd, require, run
-
-
-@pytest.fixture
-def image(tmp_path, key_file):
-    path = tmp_path / "img"
-    nbdcrypt_luks1(path, key_file, "8M")
-    return path
 
 
 def qemu_write_fails(image):

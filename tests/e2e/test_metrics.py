@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import parser
 
 from nbdcrypt.daemon.ctl import request
-from tests.conftest import nbdcrypt_luks1, serving
+from tests.conftest import serving
 
 
 WRITES = [4096, 65536, 1 << 20, 1536]  # the last one partial: read-modify-write inside one request
@@ -42,13 +42,6 @@ def parse(text):
 
 def labels(**kw):
     return frozenset(kw.items())
-
-
-@pytest.fixture
-def image(tmp_path, key_file):
-    path = tmp_path / "m.img"
-    nbdcrypt_luks1(path, key_file, "16M")
-    return path
 
 
 def do_io(h):

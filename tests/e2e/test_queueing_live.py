@@ -12,15 +12,8 @@ from pathlib import Path
 import pytest
 
 from nbdcrypt.daemon.ctl import PERF_FLAGS, request
-from tests.conftest import nbdcrypt_luks1, serving
+from tests.conftest import serving
 from tests.tools import nbdcrypt_cmd, require, run
-
-
-@pytest.fixture
-def image(tmp_path, key_file):
-    path = tmp_path / "q.img"
-    nbdcrypt_luks1(path, key_file, "64M")
-    return path
 
 
 def fio_json(result):
