@@ -22,7 +22,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 # key material offset (sectors), stripes.
 LUKS1_SLOT, LUKS1_ITERATIONS, LUKS1_MATERIAL, LUKS1_STRIPES = 208, 4, 40, 44
 # qcow2 header fields (docs/interop/qcow2.txt).
-QCOW2_BACKING_OFFSET, QCOW2_L1_SIZE, QCOW2_L1_OFFSET, QCOW2_SNAPSHOTS, QCOW2_REFCOUNT_ORDER = 8, 36, 40, 60, 96
+QCOW2_BACKING_OFFSET, QCOW2_L1_SIZE, QCOW2_L1_OFFSET, QCOW2_REFTABLE_OFFSET = 8, 36, 40, 48
+QCOW2_SNAPSHOTS, QCOW2_REFCOUNT_ORDER = 60, 96
 COPIED = 1 << 63
 
 
@@ -125,6 +126,18 @@ def qcow2_l2_entry(host):
     return make
 
 
+def qcow2_refcount_zero(tmp_path, key_file):
+    """Guest cluster 0's data cluster is mapped, but its refcount says 0."""
+    image = qcow2(tmp_path, key_file)
+    l1, = get(image, QCOW2_L1_OFFSET, ">Q")
+    l2, = get(image, l1 & ~COPIED, ">Q")
+    data, = get(image, l2 & ~COPIED, ">Q")
+    reftable, = get(image, QCOW2_REFTABLE_OFFSET, ">Q")
+    block, = get(image, reftable, ">Q")
+    put(image, block + 2 * ((data & ~COPIED) // 65536), ">H", 0)  # 16-bit refcounts, 64 KiB clusters
+    return image
+
+
 def qcow2_backing_loop(tmp_path, key_file):
     """a.qcow2 -> c.qcow2 -> b.qcow2 -> a.qcow2, closed with an unsafe rebase."""
     require("qemu-img")
@@ -137,7 +150,8 @@ def qcow2_backing_loop(tmp_path, key_file):
 
 # (name, what is wrong, builder, expected message, who finds it: "open" = info and serve
 # (the header itself lies), "serve" (the header does not fit the file; info still shows it,
-# as luksDump does), "read" (a table entry, found by the request that reaches it))
+# as luksDump does), "read" (a table entry, found by the request that reaches it),
+# "discard" (a refcount, found by the discard that would drop it))
 EVIL = [
     ("luks1-overlapping-keyslots", "keyslot 1's key material starts inside keyslot 0's",
      luks1_overlapping_slots, "keyslot 1 material at sector 16 overlaps keyslot 0", "open"),
@@ -171,6 +185,8 @@ EVIL = [
      qcow2_l2_entry(0x200), "guest cluster 0 maps to 0x200", "read"),
     ("qcow2-l2-onto-refcount-table", "an L2 entry maps guest cluster 0 onto the refcount table",
      qcow2_l2_entry(0x10000), "guest cluster 0 maps to 0x10000, which holds the refcount table", "read"),
+    ("qcow2-refcount-underflow", "guest cluster 0's data cluster is in use with refcount 0",
+     qcow2_refcount_zero, "would go below 0", "discard"),
 ]
 
 
@@ -186,21 +202,24 @@ def test_evil_image(tmp_path, key_file, name, what, make, message, where):
             lines = result.stderr.strip().splitlines()
             assert result.returncode == 2 and len(lines) == 1, f"{command[0]}: {result.stderr}"
             assert lines[0].startswith("nbdcrypt: ") and message in lines[0], lines[0]
+    elif where == "read":
+        _fails_with_eio(image, key_file, message, lambda h: h.pread(4096, 0), lambda h: h.pwrite(bytes(4096), 0))
     else:
-        _fails_with_eio(image, key_file, message)
+        _fails_with_eio(image, key_file, message, lambda h: h.trim(65536, 0), lambda h: h.trim(65536, 0))
     assert sha256_file(image) == before, "the image was written to"
 
 
-def _fails_with_eio(image, key_file, message):
-    """Reads and writes of the lying cluster fail with EIO; the export keeps serving."""
+def _fails_with_eio(image, key_file, message, *requests):
+    """Each of ``requests`` (on an NBD handle) fails with EIO; the export keeps serving."""
     nbd = pytest.importorskip("nbd")
     with daemon(image, "--key-file", key_file, "--socket", image.with_suffix(".sock")) as (proc, uri):
         h = nbd.NBD()
         h.connect_uri(uri)
-        for request in (lambda: h.pread(4096, 0), lambda: h.pwrite(bytes(4096), 0), lambda: h.pread(4096, 0)):
+        for request in requests:
             with pytest.raises(nbd.Error) as failed:
-                request()
+                request(h)
             assert failed.value.errno == "EIO"
+        h.flush()  # the export still serves
         h.shutdown()
     assert proc.returncode == 0
     assert message in proc.stderr_text and "Traceback" not in proc.stderr_text, proc.stderr_text

@@ -17,6 +17,8 @@ A new block's refcount table entry still waits for :meth:`commit`, after a flush
 Not thread-safe: the volume calls it under its metadata lock.
 """
 
+from collections import Counter
+
 import numpy as np
 
 from nbdcrypt.errors import FormatError
@@ -89,16 +91,25 @@ class Refcounts:
                 self._hint = cluster + 1
                 return cluster
 
+    def check_release(self, ranges):
+        """FormatError, before anything is written, if dropping a reference for each
+        (offset, length) of ``ranges`` would take a refcount below 0 (a corrupt image)."""
+        drops = Counter(c for offset, length in ranges for c in self._clusters(offset, length))
+        for cluster, n in drops.items():
+            if self.get(cluster) < n:
+                raise FormatError(f"{self.name}: refcount of cluster {cluster} would go below 0")
+
     def release(self, offset, length=1):
         """Drop one reference to each cluster overlapping [offset, offset+length)."""
-        first, last = offset // self.cluster_size, (offset + length - 1) // self.cluster_size
-        for cluster in range(first, last + 1):
+        self.check_release([(offset, length)])
+        for cluster in self._clusters(offset, length):
             count = self.get(cluster)
-            if count == 0:
-                raise FormatError(f"{self.name}: refcount of cluster {cluster} would go below 0")
             self._set(cluster, count - 1)
             if count == 1:
                 self._hint = min(self._hint, cluster)
+
+    def _clusters(self, offset, length):
+        return range(offset // self.cluster_size, (offset + length - 1) // self.cluster_size + 1)
 
     def commit(self):
         """Write changed refcounts (blocks, then table entries pointing at new blocks).

@@ -300,6 +300,7 @@ class Qcow2Volume:
             for piece in in_place:
                 self._write_data(*piece)
             return
+        self._refcounts.check_release(dropped)  # a corrupt refcount: fail before any write
         tables = self._l2_tables_to_write(set(entries) | {c for c, _, _ in fills})
         hosts = self._allocate(tables, fills)
         for (cluster, plain, _), host in zip(fills, hosts):
