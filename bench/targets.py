@@ -14,10 +14,9 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Callable
 
 IMAGES = ("raw", "luks1", "qcow2")
 PASSPHRASE = b"nbdcrypt benchmark"  # no trailing newline: every tool reads the whole file
@@ -28,13 +27,6 @@ NBDCRYPT_SERVE = ["{nbdcrypt}", "serve", "--key-file", "{key}", "--socket", "{so
 QEMU_NBD = ["qemu-nbd", *SECRET, "-k", "{sock}", "-t", "-e", "8", "--image-opts"]
 
 
-def _help_lacks(paths, command, words):
-    """Why a target is skipped while ``nbdcrypt COMMAND --help`` lacks one of ``words``, or None."""
-    usage = subprocess.run([paths["nbdcrypt"], command, "--help"], capture_output=True, text=True).stdout
-    missing = [w for w in words if w not in usage]
-    return f"nbdcrypt {command} has no {' '.join(missing)} yet" if missing else None
-
-
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -43,23 +35,18 @@ class Target:
     subject: bool = False  # nbdcrypt itself, compared against every other target
     colour: str = "tab:gray"  # the same in every chart, whichever targets ran
     default: bool = True  # run unless --targets names others
-    unavailable: Callable = field(default=lambda paths: None, compare=False)  # paths -> reason or None
 
     def command(self, paths):
         return [arg.format(**paths) for arg in self.argv]
 
     def skip_reason(self, paths):
         tool = self.argv[0].format(**paths)
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-        return self.unavailable(paths)
+        return f"{tool} is not installed" if shutil.which(tool) is None else None
 
 
-def nbdcrypt(name, label, colour, image, *flags, needs=None, default=True):
-    """``nbdcrypt serve`` on ``image`` with queueing ``flags``; skipped while serve lacks them."""
-    needs = needs or ("serve", flags)
-    return Target(name, label, [*NBDCRYPT_SERVE, image, *flags], subject=True, colour=colour, default=default,
-                  unavailable=lambda paths: _help_lacks(paths, *needs))
+def nbdcrypt(name, label, colour, image, *flags, default=True):
+    """``nbdcrypt serve`` on ``image`` with queueing ``flags``."""
+    return Target(name, label, [*NBDCRYPT_SERVE, image, *flags], subject=True, colour=colour, default=default)
 
 
 TARGETS = (
@@ -69,7 +56,7 @@ TARGETS = (
     # Opt-in: crypt workers as processes instead of threads (docs/queueing.md).
     nbdcrypt("nbdcrypt-processes", "nbdcrypt worker processes", "tab:purple", "{luks1}", "--worker-type", "process",
              default=False),
-    nbdcrypt("nbdcrypt-qcow2", "nbdcrypt qcow2+LUKS", "tab:green", "{qcow2}", needs=("format", ["qcow2"])),
+    nbdcrypt("nbdcrypt-qcow2", "nbdcrypt qcow2+LUKS", "tab:green", "{qcow2}"),
     Target("plaintext", "nbdkit file (plaintext)", ["nbdkit", "-f", "-U", "{sock}", "file", "{raw}"],
            colour="dimgray"),
     # Opt-in reference: what nbdkit's Python plugin costs with no crypto at all.
