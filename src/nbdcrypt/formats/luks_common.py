@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbdcrypt.crypto import af
+from nbdcrypt.crypto import af, wipe
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.kdf import Kdf, hash_factory
 from nbdcrypt.crypto.spec import CipherSpec
@@ -124,10 +124,6 @@ def pick_slot(free, slot):
     if not free:
         raise InputError("no free keyslot")
     return min(free)
-
-
-def wipe(buf):
-    buf[:] = bytes(len(buf))
 
 
 def try_keyslots(candidates, open_slot, matches, name):

@@ -9,6 +9,7 @@ also accepts ``key-file=PATH`` holding the passphrase.
 import os
 from dataclasses import fields
 
+from ..crypto import wipe
 from ..errors import InputError
 from ..formats import open_header
 from ..formats.qcow2.backing import backing_key_bytes, unlock_backing
@@ -71,8 +72,8 @@ class Export:
                 self.volume = header.open_volume(store, key)
             self.volume.path.allow_processes(key)  # worker processes get the key from the path
         finally:
-            _wipe(key)
-            _wipe(backing_keys)
+            wipe(key)
+            wipe(backing_keys)
         settings = {f.name: self.params[f.name] for f in fields(Settings) if f.name in self.params}
         self.volume.path.configure(settings)
         if "metrics" in self.params:
@@ -114,7 +115,7 @@ def unlock_all(header, f, image, passphrase, backing_passphrases=()):
     try:
         key = header.unlock(passphrase, f)
     except BaseException:
-        _wipe(backing)
+        wipe(backing)
         raise
     return _joined(key, backing)
 
@@ -123,10 +124,10 @@ def split_keys(header, image, keys):
     """(master key, backing keys) from what :func:`unlock_all` returned (which is wiped)."""
     cut = len(keys) - backing_key_bytes(header, image)
     if cut <= 0:
-        _wipe(keys)
+        wipe(keys)
         raise InputError(f"{image}: the master key handover is too short")
     key, backing = keys[:cut], keys[cut:]
-    _wipe(keys)
+    wipe(keys)
     return key, backing
 
 
@@ -136,7 +137,7 @@ def _joined(*parts):
     for part in parts:
         out[pos:pos + len(part)] = part
         pos += len(part)
-        _wipe(part)
+        wipe(part)
     return out
 
 
@@ -171,7 +172,3 @@ def read_all(fd):
     finally:
         os.close(fd)
     return b"".join(chunks)
-
-
-def _wipe(buf):
-    buf[:] = bytes(len(buf))

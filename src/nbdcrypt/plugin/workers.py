@@ -37,6 +37,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ..crypto import wipe
 from ..crypto.engine import SectorCipher
 from ..crypto.spec import CipherSpec
 from ..errors import NbdcryptError, StoreError, UnsupportedError
@@ -244,7 +245,7 @@ class CipherRecipe:
             raise UnsupportedError(f"cannot rebuild the {cipher.spec} cipher in a worker process")
 
     def wipe(self):
-        _wipe(self.key)
+        wipe(self.key)
 
 
 def build_cipher(params, key):
@@ -357,10 +358,6 @@ def _environment():
     return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in sys.path if p and os.path.isdir(p)))}
 
 
-def _wipe(buf):
-    buf[:] = bytes(len(buf))
-
-
 # The worker process.
 
 def main(sock_fd, slot_fd, parent):
@@ -401,7 +398,7 @@ def _receive_cipher(sock):
         size = sock.recv_into(key)
         return build_cipher(params, memoryview(key)[:size])
     finally:
-        _wipe(key)
+        wipe(key)
 
 
 def _answer(sock, ok, seconds=0.0, error=None):

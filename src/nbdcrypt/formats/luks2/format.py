@@ -3,10 +3,11 @@
 import os
 import uuid
 
+from nbdcrypt.crypto import wipe
 from nbdcrypt.crypto.engine import SECTOR_SIZES
 from nbdcrypt.crypto.kdf import digest_size, new_kdf
 from nbdcrypt.errors import InputError
-from nbdcrypt.formats.luks_common import Sealing, check_format_args, create_file, wipe
+from nbdcrypt.formats.luks_common import Sealing, check_format_args, create_file
 from nbdcrypt.formats.luks2 import binary, digests, keyslots, segments
 from nbdcrypt.formats.luks2.header import Luks2Header
 

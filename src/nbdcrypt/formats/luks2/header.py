@@ -17,10 +17,11 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
+from nbdcrypt.crypto import wipe
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.kdf import new_kdf
 from nbdcrypt.errors import BadPassphraseError, FormatError, InputError, UnsupportedError
-from nbdcrypt.formats.luks_common import Payload, Sealing, file_id, try_keyslots, wipe
+from nbdcrypt.formats.luks_common import Payload, Sealing, file_id, try_keyslots
 from nbdcrypt.formats.luks2 import binary, digests, fields, keyslots, segments
 from nbdcrypt.formats.luks2.binary import BINARY_SIZE, HDR_SIZES
 

@@ -11,6 +11,7 @@ so one passphrase serves a chain that shares it.
 
 import os
 
+from nbdcrypt.crypto import wipe
 from nbdcrypt.errors import InputError, UnsupportedError
 from nbdcrypt.plugin.store import FileStore
 
@@ -74,7 +75,7 @@ def unlock_backing(header, image_path, passphrases):
         with _open(path) as f:
             key = backing.unlock(passphrases[min(k, len(passphrases) - 1)], f)
         keys += key
-        key[:] = bytes(len(key))
+        wipe(key)
     return keys
 
 

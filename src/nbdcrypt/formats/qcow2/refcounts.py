@@ -101,9 +101,10 @@ class Refcounts:
 
     def release(self, offset, length=1):
         """Drop one reference to each cluster overlapping [offset, offset+length)."""
-        self.check_release([(offset, length)])
         for cluster in self._clusters(offset, length):
             count = self.get(cluster)
+            if count == 0:
+                raise FormatError(f"{self.name}: refcount of cluster {cluster} would go below 0")
             self._set(cluster, count - 1)
             if count == 1:
                 self._hint = min(self._hint, cluster)
