@@ -41,7 +41,10 @@ def add_options(parser):
                         help="require TLS with the pre-shared keys in FILE (psktool's format) on TCP")
     listen.add_argument("--tls-certificates", metavar="DIR",
                         help="require TLS with the X.509 files in DIR (ca-cert.pem, server-cert.pem, "
-                             "server-key.pem) on TCP")
+                             "server-key.pem) on TCP; clients need a certificate signed by ca-cert.pem")
+    listen.add_argument("--tls-no-verify-peer", action="store_true",
+                        help="with --tls-certificates, let clients in without a certificate: anyone who "
+                             "reaches the port and trusts the server reads the export")
     listen.add_argument("--insecure-tcp", action="store_true",
                         help="allow --port without TLS: plaintext data and no authentication on the network")
     parser.set_defaults(config_keys=_keys(parser))

@@ -115,7 +115,13 @@ def _tls_args(args):
     if args.tls_psk:
         return ("--tls=require", f"--tls-psk={os.path.abspath(args.tls_psk)}")
     if args.tls_certificates:
-        return ("--tls=require", f"--tls-certificates={os.path.abspath(args.tls_certificates)}")
+        directory = os.path.abspath(args.tls_certificates)
+        if args.tls_no_verify_peer:
+            return ("--tls=require", f"--tls-certificates={directory}")
+        if not os.path.isfile(os.path.join(directory, "ca-cert.pem")):
+            raise InputError(f"{directory}: no ca-cert.pem to verify client certificates with "
+                             "(or --tls-no-verify-peer)")
+        return ("--tls=require", f"--tls-certificates={directory}", "--tls-verify-peer")
     return ()
 
 
