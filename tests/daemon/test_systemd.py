@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.daemon.conftest import daemon
+from tests.daemon.conftest import daemon, free_port
 from tests.tools import nbdcrypt_cmd, require, run
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
@@ -72,3 +72,29 @@ def test_socket_activation_first_connection_starts_serving(tmp_path, image, key_
     assert proc.returncode == 0, stderr.decode()
     with daemon(image, "--key-file", key_file, "--socket", tmp_path / "again.sock") as (_, uri):
         assert nbd_handle(uri).pread(4000, 12345) == b"activated!" * 400
+
+
+def test_socket_activation_refuses_an_inherited_tcp_socket_without_tls(tmp_path, image, key_file):
+    require("systemd-socket-activate")
+    port = free_port()
+    sock = tmp_path / "activated.sock"
+    # The Unix socket first: its family must not decide for the TCP one behind it.
+    starter = ["systemd-socket-activate", "-l", str(sock), "-l", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen([*starter, *nbdcrypt_cmd(), "serve", str(image), "--key-file", str(key_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not sock.exists():
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            try:
+                greeting = client.recv(8)
+            except ConnectionResetError:  # closed unaccepted, still in the backlog
+                greeting = b""
+            assert greeting == b""  # no NBD greeting in plaintext
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    ours = stderr.split("Execing ", 1)[1].splitlines()[1:]  # after systemd-socket-activate's own lines
+    assert proc.returncode == 2 and len(ours) == 1 and ours[0].startswith("nbdcrypt: TCP without TLS"), stderr

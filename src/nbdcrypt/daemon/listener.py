@@ -37,6 +37,12 @@ class Listener:
         return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/"
 
     @property
+    def networked(self):
+        """Whether any of the sockets is not a Unix socket: then TLS is needed unless --insecure-tcp."""
+        families = [self.family, *(_socket_name(fd)[0] for fd in self.fds)]
+        return any(family != socket.AF_UNIX for family in families)
+
+    @property
     def launcher(self):
         return SET_LISTEN_PID if self.fds else []
 
@@ -73,7 +79,7 @@ def choose_listener(args, image):
         listener = _unix(Path(os.path.abspath(args.socket)) if args.socket else default_socket(image),
                          args.socket_group)
     tls = _tls_args(args)
-    if listener.family != socket.AF_UNIX and not tls and not args.insecure_tcp:
+    if listener.networked and not tls and not args.insecure_tcp:
         raise InputError("TCP without TLS sends the plaintext to the network: give --tls-psk FILE or "
                          "--tls-certificates DIR (or --insecure-tcp)")
     listener.nbdkit_args += tls
@@ -137,6 +143,11 @@ def _inherited_sockets():
 
 def _inherited(fds):
     """A listener on systemd's sockets, probed through the first one's address."""
-    with socket.socket(fileno=os.dup(fds[0])) as first:
-        family, address = first.family, first.getsockname()
+    family, address = _socket_name(fds[0])
     return Listener(family, address, fds=fds)
+
+
+def _socket_name(fd):
+    """``(family, address)`` of the socket ``fd``."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.family, sock.getsockname()
