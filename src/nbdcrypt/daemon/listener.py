@@ -6,10 +6,11 @@ import grp
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, NbdcryptError
 
 SD_LISTEN_FDS_START = 3
 DEFAULT_BIND = "127.0.0.1"
@@ -51,12 +52,15 @@ class Listener:
         return {"LISTEN_FDS": str(len(self.fds))} if self.fds else {}
 
     def grant_access(self):
-        """Once nbdkit made the socket (under umask 077): 0600, or 0660 for ``--socket-group``."""
+        """Once nbdkit made the socket (under umask 077): 0600, or 0660 for ``--socket-group``;
+        never through a symlink put in its place (chmod then fails rather than follow one)."""
         if self.socket_path is None:
             return
+        if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+            raise NbdcryptError(f"{self.socket_path}: not nbdkit's socket any more; someone replaced it")
         if self.gid is not None:
-            os.chown(self.socket_path, -1, self.gid)
-        os.chmod(self.socket_path, 0o600 if self.gid is None else 0o660)
+            os.chown(self.socket_path, -1, self.gid, follow_symlinks=False)
+        os.chmod(self.socket_path, 0o600 if self.gid is None else 0o660, follow_symlinks=False)
 
     def close(self):
         if self.socket_path is not None:
@@ -89,15 +93,29 @@ def choose_listener(args, image):
 
 def default_socket(image):
     """A per-image socket path in a 0700 runtime directory: systemd's RuntimeDirectory=, or ours."""
-    if "RUNTIME_DIRECTORY" in os.environ:
+    if "RUNTIME_DIRECTORY" in os.environ:  # made by systemd with the unit's owner and mode
         directory = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
     elif "XDG_RUNTIME_DIR" in os.environ:
-        directory = Path(os.environ["XDG_RUNTIME_DIR"], "nbdcrypt")
+        directory = _private_directory(Path(os.environ["XDG_RUNTIME_DIR"], "nbdcrypt"))
     else:
-        directory = Path("/run/nbdcrypt" if os.geteuid() == 0 else f"/tmp/nbdcrypt-{os.getuid()}")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = _private_directory(Path("/run/nbdcrypt") if os.geteuid() == 0
+                                       else Path(f"/tmp/nbdcrypt-{os.getuid()}"))
     name = re.sub(r"[^\w.-]", "_", Path(image).name)  # a URI's last part may hold anything
     return directory / f"{name}.sock"
+
+
+def _private_directory(path):
+    """``path``, made mode 0700 unless it exists; InputError unless it is then a directory
+    (not a symlink) of our own with mode 0700: whoever else made it could replace our socket."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o700:
+        raise InputError(f"{path}: not a directory of ours with mode 0700 (made by another user?); "
+                         "remove it or give --socket PATH")
+    return path
 
 
 def _unix(path, group=None):
