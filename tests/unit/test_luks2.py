@@ -13,6 +13,7 @@ from nbdcrypt.formats.luks2 import Luks2Header, binary, format_luks2
 from nbdcrypt.formats.luks2 import format as luks2_format
 from nbdcrypt.formats.luks2.header import pack_json
 from nbdcrypt.plugin.store import FileStore
+from tests.tools import nbdcrypt
 
 OLD, NEW = b"old passphrase", b"new passphrase"
 FAST = dict(pbkdf="pbkdf2", pbkdf_iterations=1000)
@@ -127,6 +128,12 @@ REFUSALS = [
     ("missing keyslot", setter("digests/0/keyslots", ["0", "7"]), FormatError, "missing keyslot 7"),
     ("no digest", setter("digests", {}), FormatError, "0 digests"),
     ("keyslot id", lambda d: d["keyslots"].__setitem__("99", d["keyslots"]["0"]), FormatError, "invalid id"),
+    ("superscript keyslot id", lambda d: d["keyslots"].__setitem__("\u00b2", d["keyslots"].pop("0")),
+     FormatError, "invalid id '\u00b2'"),
+    ("arabic digest id", lambda d: d["digests"].__setitem__("\u0663", d["digests"].pop("0")),
+     FormatError, "invalid id '\u0663'"),
+    ("superscript digest keyslot", setter("digests/0/keyslots", ["\u00b2"]), FormatError, "invalid id"),
+    ("superscript segment", setter("digests/0/segments", ["0", "\u00b9"]), FormatError, "invalid id"),
     ("no config", lambda d: d.pop("config"), FormatError, "config must be an object"),
 ]
 
@@ -137,6 +144,14 @@ def test_refusals(image, mutate, error, message):
     with pytest.raises(error, match=message) as caught:
         read(image)
     assert type(caught.value) is error and str(caught.value).startswith("disk.img: ")
+
+
+def test_non_ascii_id_is_one_line_from_the_cli(image):
+    """str.isdigit() takes "\u00b2", which int() refuses: that was a traceback and exit status 1."""
+    rewrite(image, lambda d: d["keyslots"].__setitem__("\u00b2", d["keyslots"].pop("0")))
+    result = nbdcrypt("info", image, check=False)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"nbdcrypt: {image}: LUKS2 keyslots: invalid id '\u00b2'\n"
 
 
 def damage(path, offset, data=b"\xff"):

@@ -11,6 +11,8 @@ from nbdcrypt.errors import FormatError
 
 MAX_U64 = (1 << 63) - 1  # offsets and sizes must also fit a signed file offset
 _DECIMAL = re.compile(r"[0-9]{1,19}")
+# ASCII only: str.isdigit() and int() also take "²" or "٣", which cryptsetup does not.
+_ID = re.compile(r"0|[1-9][0-9]?")
 
 
 def obj(parent, key, where):
@@ -53,13 +55,14 @@ def encode_b64(data):
 def ids(parent, key, where):
     """A list of object ids ("0".."31") as ints."""
     value = parent.get(key)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.isdigit() for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise FormatError(f"{where}: {key} must be a list of ids")
     return [object_id(v, where) for v in value]
 
 
 def object_id(key, where, limit=32):
-    if not (key.isdigit() and int(key) < limit and str(int(key)) == key):
+    """An id ("0".."31", no leading zeros) as an int."""
+    if not (_ID.fullmatch(key) and int(key) < limit):
         raise FormatError(f"{where}: invalid id {key!r}")
     return int(key)
 
