@@ -25,7 +25,8 @@ import trio
 from .. import plugin
 from ..errors import InputError, NbdcryptError
 from ..plugin.export import header_file, unlock_all
-from ..plugin.metrics import absolute_address
+from ..plugin.control_server import remove_stale_socket
+from ..plugin.metrics import absolute_address, parse_address
 from ..plugin.queueing import Settings
 from ..plugin.store import is_uri, open_store
 from . import config, ctl, keys
@@ -52,6 +53,7 @@ def main(args):
     settings = queueing_settings(args)
     image = args.image if is_uri(args.image) else os.path.abspath(args.image)
     listener = choose_listener(args, image)  # refuse a bad listener before asking for a passphrase
+    _clear_socket_paths(args)
     notify(f"STATUS=unlocking {image}")
     passphrase = keys.read_passphrase(args.key_file, args.passphrase_fd, prompt=f"Enter passphrase for {image}: ",
                                       credential=args.key_credential, keyring=args.key_keyring)
@@ -65,6 +67,16 @@ def main(args):
     finally:
         for secret in [passphrase, *backing_passphrases]:
             keys.wipe(secret)
+
+
+def _clear_socket_paths(args):
+    """Refuse a ``--control`` or ``--metrics`` socket path that something else holds now,
+    before a passphrase is asked for; the plugin binds them much later."""
+    paths = [args.control] if args.control else []
+    if args.metrics and parse_address(args.metrics)[0] == "unix":
+        paths.append(args.metrics)
+    for path in paths:
+        remove_stale_socket(os.path.abspath(path))
 
 
 def queueing_settings(args):

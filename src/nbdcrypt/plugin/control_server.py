@@ -7,11 +7,12 @@ one reply line for each (protocol in :mod:`nbdcrypt.control`).
 
 import os
 import socket
+import stat
 import struct
 import threading
 
 from ..control import MAX_LINE, ControlError, decode_request, encode_reply
-from ..errors import NbdcryptError
+from ..errors import InputError, NbdcryptError
 
 
 class ControlServer:
@@ -70,14 +71,32 @@ class ControlServer:
 
 def bind_private(sock, path):
     """Bind the Unix socket ``sock`` at ``path`` (replacing a stale one), mode 0600."""
-    if os.path.exists(path):
-        os.unlink(path)
+    remove_stale_socket(path)
     old_umask = os.umask(0o077)  # no moment where others could connect
     try:
         sock.bind(path)
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
+
+
+def remove_stale_socket(path):
+    """Clear ``path`` for a new socket if a socket nobody listens on is there; InputError if
+    anything else is (a file, directory or symlink is not ours to delete; a live socket is
+    another server's)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InputError(f"{path}: exists and is not a socket; refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+    raise InputError(f"{path}: a server listens there already")
 
 
 def peer_allowed(conn):
