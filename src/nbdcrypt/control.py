@@ -63,6 +63,8 @@ def _parse(line, what):
         message = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ControlError(f"{what} is not JSON") from None
+    except RecursionError:  # json's parser recurses once per [ or {, and a line may hold 64 Ki of them
+        raise ControlError(f"{what} nested too deeply") from None
     if not isinstance(message, dict):
         raise ControlError(f"{what} must be a JSON object")
     return message

@@ -1,10 +1,13 @@
-"""serve --control PATH (and --metrics PATH): only a stale socket at PATH is replaced."""
+"""serve --control PATH (and --metrics PATH): only a stale socket at PATH is replaced, and
+malformed requests (deeply nested, over-long) get a protocol error, not a dead connection."""
 
+import json
 import os
 import socket
 
 import pytest
 
+from nbdcrypt.control import MAX_LINE, encode_request
 from nbdcrypt.daemon.ctl import request
 from tests.daemon.conftest import daemon, failing, one_line_exit_2
 
@@ -52,3 +55,19 @@ def test_stale_control_socket_is_replaced(tmp_path, image, key_file):
     with daemon(image, "--key-file", key_file, "--socket", tmp_path / "s.sock", "--control", path):
         assert request(str(path), "status")["size"] == 8 << 20
 
+
+def test_malformed_requests_get_a_protocol_error(tmp_path, image, key_file):
+    path = tmp_path / "control"
+    with daemon(image, "--key-file", key_file, "--socket", tmp_path / "s.sock", "--control", path), \
+            socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        with conn.makefile("rb") as replies:
+            conn.sendall(b"[" * 50000 + b"\n")  # within MAX_LINE, far beyond the parser's recursion limit
+            assert json.loads(replies.readline()) == {"ok": False, "error": "request nested too deeply"}
+            conn.sendall(encode_request("status"))  # the connection still serves
+            assert json.loads(replies.readline())["ok"] is True
+            conn.sendall(b" " * (MAX_LINE + 1))
+            too_long = {"ok": False, "error": f"request longer than {MAX_LINE} bytes"}
+            assert json.loads(replies.readline()) == too_long
+            assert replies.readline() == b""  # and closed
