@@ -1,8 +1,11 @@
 """`nbdcrypt keyslot add|change|remove` and `format --header` as a user runs them,
 checked by cryptsetup (and, for LUKS1, QEMU), bad input refused without a write."""
 
+import shutil
+
 import pytest
 
+from nbdcrypt.formats import luks1, luks_common, open_header
 from tests.conftest import random_file, serving, sha256_file
 from tests.tools import FAST_PBKDF, cryptsetup, cryptsetup_opens, nbdcrypt, require, run, write_key
 
@@ -104,3 +107,75 @@ def test_serving_a_detached_header_as_the_image_is_refused(tmp_path, key_file):
     result = nbdcrypt("serve", header, "--key-file", key_file, "--socket", tmp_path / "s", check=False)
     assert result.returncode != 0 and "detached header" in result.stderr
     assert sha256_file(header) == before
+
+
+# -- a torn LUKS1 header write (issue 14) ---------------------------------------------
+
+
+class PowerLoss(Exception):
+    pass
+
+
+class TornFile:
+    """A file whose ``n``-th write reaches the disk only in part, then the power fails:
+    ``keep`` is "first" (its first 512-byte sector only) or "rest" (all but that)."""
+
+    def __init__(self, f, n, keep):
+        self._f, self._left, self._keep = f, n, keep
+
+    def write(self, data):
+        if self._left == 0:
+            if self._keep == "first":
+                self._f.write(data[:512])
+            else:
+                self._f.seek(self._f.tell() + 512)
+                self._f.write(data[512:])
+            self._f.flush()
+            raise PowerLoss
+        self._left -= 1
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+FAST_KDF = dict(pbkdf="pbkdf2", iterations=1000)
+
+
+def luks1_with_slots(path, old, other, old_slot, monkeypatch):
+    """A LUKS1 image with ``old`` in ``old_slot``, ``other`` in slots 1-6 and one free
+    slot: 7 or 0.  The 592-byte header spans two sectors: slots 0-5 lie in the
+    first, slot 7 in the second."""
+    monkeypatch.setattr(luks1, "MK_DIGEST_MS", 1)  # cheap digests: cryptsetup tries every slot
+    luks1.format_luks1(path, 1 << 20, old, iterations=1000, iter_time_ms=1)
+    with open(path, "r+b") as f:
+        for slot in range(1, 7):
+            luks_common.add_passphrase(f, open_header(f), old, other, slot, **FAST_KDF)
+        if old_slot == 7:
+            luks_common.add_passphrase(f, open_header(f), old, old, 7, **FAST_KDF)
+            luks_common.remove_passphrase(f, open_header(f), old, slot=0)
+    return path
+
+
+@pytest.mark.parametrize("old_slot, new_slot", [(0, 7), (7, 0)])
+def test_luks1_change_survives_a_torn_header_write(tmp_path, monkeypatch, old_slot, new_slot):
+    """A power loss during any write of a passphrase change, with only one sector of it
+    on disk, leaves a header cryptsetup opens with the old or the new passphrase."""
+    require("cryptsetup")
+    old, new = write_key(tmp_path / "old", b"old"), write_key(tmp_path / "new", b"new")
+    base = luks1_with_slots(tmp_path / "base.img", b"old", b"other", old_slot, monkeypatch)
+    image = tmp_path / "image"
+    for n in range(4):  # the new slot's material, two header writes, the old material wiped
+        for keep in ("first", "rest"):
+            shutil.copy(base, image)
+            with open(image, "r+b") as f:
+                with pytest.raises(PowerLoss):
+                    luks_common.change_passphrase(TornFile(f, n, keep), open_header(f), b"old", b"new",
+                                                  old_slot, **FAST_KDF)
+            opens = [cryptsetup_opens(image, k, "--key-slot", s) for k, s in ((old, old_slot), (new, new_slot))]
+            assert any(opens), (n, keep)
+    shutil.copy(base, image)
+    with open(image, "r+b") as f:  # no power loss: the new passphrase only
+        _, slot = luks_common.change_passphrase(f, open_header(f), b"old", b"new", old_slot, **FAST_KDF)
+    assert slot == new_slot
+    assert [cryptsetup_opens(image, k) for k in (old, new)] == [False, True]

@@ -270,7 +270,7 @@ class Luks1Header(Payload):
 
     def slot_for_change(self, slot_id):
         """LUKS1 areas are fixed: a changed passphrase moves to a free slot, so the old
-        one stays intact until the single header write that swaps them."""
+        one stays intact until the new one is enabled on disk."""
         return pick_slot(self.free_keyslots(), None)
 
     def new_kdf(self, pbkdf=None, iter_time_ms=2000, **options):
@@ -281,21 +281,26 @@ class Luks1Header(Payload):
 
     def with_keyslot(self, slot_id, passphrase, master_key, kdf, replacing=None):
         """``(new header, writes)``: material into the free slot's area, then the header
-        (enabling it and disabling ``replacing`` at once), then the old area wiped."""
+        enabling it; with ``replacing``, then the header disabling that slot, then its
+        area wiped.  The header spans two sectors, so enabling one slot and disabling
+        another in one write could, torn, leave neither (cryptsetup writes twice too)."""
         slot = Keyslot(True, kdf.time, kdf.salt, self.keyslots[slot_id].offset)
         material = self._sealing(slot).seal(master_key, passphrase, self.keyslot_sectors * SECTOR_SIZE)
-        slots = list(self.keyslots)
-        slots[slot_id] = slot
-        new = self._with_slots(slots, replacing)
-        return new, [(slot.offset * SECTOR_SIZE, material), *new._after_header(replacing)]
+        added = self._with_slot(slot_id, slot)
+        writes = [(slot.offset * SECTOR_SIZE, material), *added._after_header(None)]
+        if replacing is None:
+            return added, writes
+        new, removal = added.without_keyslot(replacing)
+        return new, writes + removal
 
     def without_keyslot(self, slot_id):
-        new = self._with_slots(list(self.keyslots), slot_id)
+        # cryptsetup clears a disabled slot's salt and count
+        new = self._with_slot(slot_id, Keyslot(False, 0, bytes(SALT_SIZE), self.keyslots[slot_id].offset))
         return new, new._after_header(slot_id)
 
-    def _with_slots(self, slots, disabled):
-        if disabled is not None:  # cryptsetup clears a disabled slot's salt and count
-            slots[disabled] = Keyslot(False, 0, bytes(SALT_SIZE), slots[disabled].offset)
+    def _with_slot(self, slot_id, slot):
+        slots = list(self.keyslots)
+        slots[slot_id] = slot
         return replace(self, keyslots=tuple(slots))
 
     def _after_header(self, wiped):
