@@ -6,6 +6,7 @@ table-level lies (found only when a request reaches them) fail that request with
 the export keeps serving.  The image is never written to.
 """
 
+import json
 import re
 import struct
 import subprocess
@@ -23,7 +24,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 LUKS1_SLOT, LUKS1_ITERATIONS, LUKS1_MATERIAL, LUKS1_STRIPES = 208, 4, 40, 44
 # qcow2 header fields (docs/interop/qcow2.txt).
 QCOW2_BACKING_OFFSET, QCOW2_L1_SIZE, QCOW2_L1_OFFSET, QCOW2_REFTABLE_OFFSET = 8, 36, 40, 48
-QCOW2_SNAPSHOTS, QCOW2_REFCOUNT_ORDER = 60, 96
+QCOW2_SNAPSHOTS, QCOW2_SNAPSHOTS_OFFSET, QCOW2_REFCOUNT_ORDER, QCOW2_HEADER_LENGTH = 60, 64, 96, 100
+QCOW2_CRYPTO_EXTENSION = 0x0537BE77
 COPIED = 1 << 63
 
 
@@ -126,15 +128,64 @@ def qcow2_l2_entry(host):
     return make
 
 
+def zero_refcounts(image, offset, length=1):
+    """Set the refcounts of the clusters overlapping [offset, offset+length) to 0
+    (qemu-img's defaults: 16-bit refcounts, 64 KiB clusters)."""
+    reftable, = get(image, QCOW2_REFTABLE_OFFSET, ">Q")
+    block, = get(image, reftable, ">Q")
+    for cluster in range(offset // 65536, (offset + length - 1) // 65536 + 1):
+        put(image, block + 2 * cluster, ">H", 0)
+
+
 def qcow2_refcount_zero(tmp_path, key_file):
     """Guest cluster 0's data cluster is mapped, but its refcount says 0."""
     image = qcow2(tmp_path, key_file)
     l1, = get(image, QCOW2_L1_OFFSET, ">Q")
     l2, = get(image, l1 & ~COPIED, ">Q")
     data, = get(image, l2 & ~COPIED, ">Q")
+    zero_refcounts(image, data & ~COPIED)
+    return image
+
+
+def luks_header_area(image):
+    """(offset, length) of the embedded LUKS header: the crypto header extension."""
+    offset, = get(image, QCOW2_HEADER_LENGTH, ">I")
+    while True:
+        kind, length = get(image, offset, ">II")
+        assert kind, "no crypto header extension"
+        if kind == QCOW2_CRYPTO_EXTENSION:
+            return get(image, offset + 8, ">QQ")
+        offset += 8 + -(-length // 8) * 8
+
+
+def qcow2_free_metadata(where):
+    """The refcounts of the metadata clusters ``where(image)`` gives as (offset, length)
+    say 0, so the allocator would hand them out."""
+    def make(tmp_path, key_file):
+        image = qcow2(tmp_path, key_file)
+        zero_refcounts(image, *where(image))
+        return image
+    return make
+
+
+def l2_table_area(image):
+    l1, = get(image, QCOW2_L1_OFFSET, ">Q")
+    l2, = get(image, l1, ">Q")
+    return l2 & ~COPIED, 65536
+
+
+def refcount_block_area(image):
     reftable, = get(image, QCOW2_REFTABLE_OFFSET, ">Q")
-    block, = get(image, reftable, ">Q")
-    put(image, block + 2 * ((data & ~COPIED) // 65536), ">H", 0)  # 16-bit refcounts, 64 KiB clusters
+    return get(image, reftable, ">Q")[0], 65536
+
+
+def qcow2_snapshot_table_free(tmp_path, key_file):
+    """An internal snapshot (qemu-img snapshot -c) whose table's refcount says 0."""
+    image = qcow2(tmp_path, key_file)
+    run(["qemu-img", "snapshot", "-c", "s1", "--object", f"secret,id=s0,file={key_file}", "--image-opts",
+         f"driver=qcow2,encrypt.key-secret=s0,file.filename={image}"])
+    table, = get(image, QCOW2_SNAPSHOTS_OFFSET, ">Q")
+    zero_refcounts(image, table)
     return image
 
 
@@ -151,7 +202,8 @@ def qcow2_backing_loop(tmp_path, key_file):
 # (name, what is wrong, builder, expected message, who finds it: "open" = info and serve
 # (the header itself lies), "serve" (the header does not fit the file; info still shows it,
 # as luksDump does), "read" (a table entry, found by the request that reaches it),
-# "discard" (a refcount, found by the discard that would drop it))
+# "discard" (a refcount, found by the discard that would drop it), "write" (a refcount of 0
+# on metadata, found by the write that would allocate that cluster))
 EVIL = [
     ("luks1-overlapping-keyslots", "keyslot 1's key material starts inside keyslot 0's",
      luks1_overlapping_slots, "keyslot 1 material at sector 16 overlaps keyslot 0", "open"),
@@ -187,6 +239,15 @@ EVIL = [
      qcow2_l2_entry(0x10000), "guest cluster 0 maps to 0x10000, which holds the refcount table", "read"),
     ("qcow2-refcount-underflow", "guest cluster 0's data cluster is in use with refcount 0",
      qcow2_refcount_zero, "would go below 0", "discard"),
+    ("qcow2-luks-header-free", "the LUKS header's clusters have refcount 0",
+     qcow2_free_metadata(luks_header_area), "cluster 0x40000 is free by its refcount but holds the LUKS header",
+     "write"),
+    ("qcow2-l2-table-free", "the L2 table's cluster has refcount 0",
+     qcow2_free_metadata(l2_table_area), "is free by its refcount but holds an L2 table", "write"),
+    ("qcow2-refcount-block-free", "the refcount block's own refcount is 0",
+     qcow2_free_metadata(refcount_block_area), "is free by its refcount but holds a refcount block", "write"),
+    ("qcow2-snapshot-table-free", "the snapshot table's cluster has refcount 0",
+     qcow2_snapshot_table_free, "is free by its refcount but holds the snapshot table", "write"),
 ]
 
 
@@ -204,6 +265,9 @@ def test_evil_image(tmp_path, key_file, name, what, make, message, where):
             assert lines[0].startswith("nbdcrypt: ") and message in lines[0], lines[0]
     elif where == "read":
         _fails_with_eio(image, key_file, message, lambda h: h.pread(4096, 0), lambda h: h.pwrite(bytes(4096), 0))
+    elif where == "write":
+        _fails_with_eio(image, key_file, message, lambda h: h.pwrite(bytes(4096), 1 << 20))
+        _qemu_finds_refcount_errors(image, key_file)
     else:
         _fails_with_eio(image, key_file, message, lambda h: h.trim(65536, 0), lambda h: h.trim(65536, 0))
     assert sha256_file(image) == before, "the image was written to"
@@ -223,6 +287,16 @@ def _fails_with_eio(image, key_file, message, *requests):
         h.shutdown()
     assert proc.returncode == 0
     assert message in proc.stderr_text and "Traceback" not in proc.stderr_text, proc.stderr_text
+
+
+def _qemu_finds_refcount_errors(image, key_file):
+    """``qemu-img check`` still sees the lie the image was given: referenced clusters with
+    refcount 0, and no leak (nothing was allocated)."""
+    result = run(["qemu-img", "check", "--output=json", "--object", f"secret,id=s0,file={key_file}",
+                  "--image-opts", f"driver=qcow2,encrypt.key-secret=s0,file.filename={image}"], check=False)
+    report = json.loads(result.stdout)
+    assert result.returncode == 2 and report["corruptions"] > 0 and not report.get("leaks"), result.stdout
+    assert "refcount=0 reference=1" in result.stderr, result.stderr
 
 
 def test_the_documented_table_matches():

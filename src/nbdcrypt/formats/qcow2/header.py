@@ -94,6 +94,7 @@ class Qcow2Header:
     crypto_length: int = 0
     luks: Luks1Header | None = None
     snapshots: tuple[Snapshot, ...] = ()
+    snapshots_length: int = 0  # bytes of the snapshot table
     name: str = field(default="image", compare=False)
 
     sector_size: ClassVar[int] = SECTOR_SIZE
@@ -134,8 +135,8 @@ class Qcow2Header:
         head = f.read(1 << MAX_CLUSTER_BITS)
         header = cls.parse(head, file_size, name)
         if header.nb_snapshots:
-            snapshots = read_snapshots(f, header, file_size, header._l1_checker(file_size))
-            header = replace(header, snapshots=snapshots)
+            snapshots, length = read_snapshots(f, header, file_size, header._l1_checker(file_size))
+            header = replace(header, snapshots=snapshots, snapshots_length=length)
         if header.crypt_method != CRYPT_LUKS:
             return header
         window = _Window(f, header.crypto_offset, header.crypto_length)

@@ -30,7 +30,7 @@ MIN_CACHED_BLOCKS = 4
 
 
 class Refcounts:
-    def __init__(self, header, store, file_size):
+    def __init__(self, header, store, file_size, metadata):
         self.store = store
         self.name = header.name
         self.order = header.refcount_order
@@ -42,14 +42,14 @@ class Refcounts:
         raw = bytearray(self.table_clusters * self.cluster_size)
         store.read_into(raw, self.table_offset)
         self.table = [int(e) for e in np.frombuffer(raw, ">u8")]
-        self.block_offsets = set(self.table) - {0}  # for the metadata overlap check
+        self.metadata = metadata  # its refcount blocks and table are kept here
+        metadata.refcount_blocks.update(set(self.table) - {0})
         self.end = -(-file_size // self.cluster_size)  # clusters in the file, or allocated
         self._blocks = LruCache(max(MIN_CACHED_BLOCKS, CACHE_BYTES // self.cluster_size),
                                 self._write_back)  # block offset -> bytearray
         self._dirty = {}  # block offset -> [lo, hi) bytes to write
         self._dirty_table = set()  # refcount table indices to write
         self._hint = 0  # no free cluster below this index
-        self._l1_area = (header.l1_offset, header.l1_size * 8)
 
     # -- reading -------------------------------------------------------------------
 
@@ -76,8 +76,20 @@ class Refcounts:
 
     # -- changing ------------------------------------------------------------------
 
-    def allocate(self):
-        """A free cluster's index, its refcount now 1 (uncommitted)."""
+    def allocate(self, count):
+        """The indices of ``count`` free clusters, their refcounts now 1 (uncommitted);
+        none are taken if one turns out to hold metadata (FormatError)."""
+        taken = []
+        try:
+            while len(taken) < count:
+                taken.append(self._allocate_one())
+        except FormatError:
+            for cluster in taken:
+                self.release(cluster * self.cluster_size)
+            raise
+        return taken
+
+    def _allocate_one(self):
         while True:
             cluster = self._find_free()
             index = cluster // self.per_block
@@ -151,11 +163,10 @@ class Refcounts:
                 cluster += int(free[0])
                 break
             cluster = (index + 1) * self.per_block
-        metadata = ((0, self.cluster_size), self._l1_area,
-                    (self.table_offset, self.table_clusters * self.cluster_size))
-        for start, length in metadata:
-            if start <= cluster * self.cluster_size < start + length:
-                raise FormatError(f"{self.name}: refcounts say in-use metadata at cluster {cluster} is free")
+        held = self.metadata.at(cluster * self.cluster_size)
+        if held:  # a lying refcount: handing it out would overwrite metadata (QEMU's overlap check)
+            raise FormatError(f"{self.name}: cluster {cluster * self.cluster_size:#x} is free by its "
+                              f"refcount but holds {held}")
         return cluster
 
     def _new_block(self, cluster):
@@ -164,7 +175,7 @@ class Refcounts:
         self._blocks.put(offset, bytearray(self.cluster_size))
         self._dirty[offset] = [0, self.cluster_size]
         self.table[cluster // self.per_block] = offset
-        self.block_offsets.add(offset)
+        self.metadata.refcount_blocks.add(offset)
         self._dirty_table.add(cluster // self.per_block)
         self._set(cluster, 1)
         self.end = max(self.end, cluster + 1)
@@ -196,7 +207,8 @@ class Refcounts:
             new_blocks[offset] = bytearray(cs)
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table, self.table_offset, self.table_clusters = table, start * cs, table_clusters
-        self.block_offsets = set(table) - {0}
+        self.metadata.refcount_blocks.update(new_blocks)
+        self.metadata.refcount_table = (self.table_offset, table_clusters * cs)
         for cluster in range(start, last + 1):
             _put(new_blocks[table[cluster // per_block]], cluster % per_block, self.order, 1)
         for offset, block in new_blocks.items():

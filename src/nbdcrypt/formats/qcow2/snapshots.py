@@ -42,8 +42,8 @@ class Snapshot:
 
 
 def read_snapshots(f, header, file_size, check_area):
-    """The snapshots of the image open in ``f`` whose header is ``header``;
-    ``check_area(what, offset, length)`` checks a metadata area against the file."""
+    """(snapshots, the table's length in bytes) of the image open in ``f`` whose header
+    is ``header``; ``check_area(what, offset, length)`` checks a metadata area against the file."""
     snapshots, offset = [], header.snapshots_offset
     for _ in range(header.nb_snapshots):
         fixed = _read(f, offset, ENTRY_FIELDS.size, file_size, header.name)
@@ -66,7 +66,7 @@ def read_snapshots(f, header, file_size, check_area):
         offset += -(-(len(fixed) + len(rest)) // 8) * 8
         if offset - header.snapshots_offset > MAX_TABLE_BYTES:
             raise FormatError(f"{header.name}: snapshot table is larger than {MAX_TABLE_BYTES} bytes")
-    return tuple(snapshots)
+    return tuple(snapshots), offset - header.snapshots_offset
 
 
 def _read(f, offset, length, file_size, name):

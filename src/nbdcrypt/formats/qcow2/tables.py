@@ -58,7 +58,7 @@ class Tables:
 
     Not thread-safe: the volume calls it under its metadata lock."""
 
-    def __init__(self, header, store, file_size):
+    def __init__(self, header, store, file_size, metadata):
         self.store = store
         self.name = header.name
         self.cluster_bits = header.cluster_bits
@@ -68,7 +68,8 @@ class Tables:
         raw = bytearray(header.l1_size * 8)
         store.read_into(raw, header.l1_offset)
         self.l1 = [int(e) for e in np.frombuffer(raw, ">u8")]
-        self.l2_offsets = {e & OFFSET_MASK for e in self.l1} - {0}  # for the metadata overlap check
+        self.metadata = metadata  # its set of L2 tables is kept here
+        metadata.l2_tables.update({e & OFFSET_MASK for e in self.l1} - {0})
         self.file_size = file_size  # bound for L2 offsets; the volume raises it as it allocates
         self._cache = LruCache(max(16, CACHE_BYTES // self.cluster_size))
 
@@ -113,8 +114,8 @@ class Tables:
         self.store.write(table[lo:hi].astype(">u8").tobytes(), offset + lo * 8)
 
     def set_l1(self, index, value):
-        self.l2_offsets.discard(self.l1[index] & OFFSET_MASK)
-        self.l2_offsets.add(value & OFFSET_MASK)
+        self.metadata.l2_tables.discard(self.l1[index] & OFFSET_MASK)
+        self.metadata.l2_tables.add(value & OFFSET_MASK)
         self.l1[index] = value
         self.store.write(value.to_bytes(8, "big"), self.l1_offset + index * 8)
 

@@ -27,6 +27,7 @@ import numpy as np
 from nbdcrypt.errors import FormatError, ReadOnlyError, UnsupportedError
 from nbdcrypt.formats.qcow2.compress import decompress
 from nbdcrypt.formats.qcow2.header import AUTOCLEAR_OFFSET, CRYPT_LUKS, SECTOR_SIZE
+from nbdcrypt.formats.qcow2.metadata import Metadata
 from nbdcrypt.formats.qcow2.refcounts import Refcounts
 from nbdcrypt.formats.qcow2.tables import (
     COMPRESSED_DATA, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN, Mapping, Tables)
@@ -52,8 +53,9 @@ class Qcow2Volume:
         self._cs = header.cluster_size
         self._iv_by_host = header.crypt_method == CRYPT_LUKS
         file_size = store.size()
-        self._tables = Tables(header, store, file_size)
-        self._refcounts = Refcounts(header, store, file_size)
+        self._metadata = Metadata(header)
+        self._tables = Tables(header, store, file_size, self._metadata)
+        self._refcounts = Refcounts(header, store, file_size, self._metadata)
         self._meta = threading.Lock()
         self._ranges = RangeLock()
         if not self.readonly:
@@ -169,27 +171,10 @@ class Qcow2Volume:
             if m.host < self._cs or m.host + length > end or m.kind != COMPRESSED_DATA and m.host % self._cs:
                 raise FormatError(f"{self.name}: guest cluster {cluster} maps to {m.host:#x}, "
                                   f"outside the image's data")
-            if m.kind != COMPRESSED_DATA and (metadata := self._metadata_at(m.host)):
+            if m.kind != COMPRESSED_DATA and (metadata := self._metadata.at(m.host)):
                 raise FormatError(f"{self.name}: guest cluster {cluster} maps to {m.host:#x}, "
                                   f"which holds {metadata}")
         return m
-
-    def _metadata_at(self, host):
-        """The metadata the cluster at ``host`` holds, if any: QEMU's overlap check
-        ("cached" level), so a lying L2 entry cannot aim a data write at metadata."""
-        if host in self._tables.l2_offsets:
-            return "an L2 table"
-        if host in self._refcounts.block_offsets:
-            return "a refcount block"
-        h, rc = self.header, self._refcounts
-        for what, start, length in (("the L1 table", h.l1_offset, h.l1_size * 8),
-                                    ("the refcount table", rc.table_offset, rc.table_clusters * self._cs),
-                                    ("the LUKS header", h.crypto_offset, h.crypto_length),
-                                    ("the snapshot table", h.snapshots_offset, self._cs if h.nb_snapshots else 0),
-                                    *(("a snapshot's L1 table", s.l1_offset, s.l1_size * 8) for s in h.snapshots)):
-            if start <= host < start + length:
-                return what
-        return None
 
     def _runs(self, offset, length):
         """[(guest offset, length, mapping)] covering the range; neighbours merge when
@@ -343,10 +328,11 @@ class Qcow2Volume:
         """Host offsets for new L2 tables and new data clusters; their refcounts are on
         disk when this returns."""
         cs = self._cs
-        for slot in tables.values():
-            if slot[1] == 0:
-                slot[1] = self._refcounts.allocate() * cs
-        hosts = [host if host is not None else self._refcounts.allocate() * cs for _, _, host in fills]
+        new_tables = [slot for slot in tables.values() if slot[1] == 0]
+        new = iter(self._refcounts.allocate(len(new_tables) + sum(host is None for _, _, host in fills)))
+        for slot in new_tables:
+            slot[1] = next(new) * cs
+        hosts = [host if host is not None else next(new) * cs for _, _, host in fills]
         self._refcounts.commit()
         self.store.flush()
         self._tables.file_size = self._refcounts.end * cs
