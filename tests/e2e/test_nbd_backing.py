@@ -1,5 +1,6 @@
-"""Images behind another NBD server: over HTTP via nbdkit's curl plugin, over TLS, and
-a backing server that dies and comes back in the middle of a verified fio run."""
+"""Images behind another NBD server: over HTTP via nbdkit's curl plugin, over TLS, with
+a detached header, and a backing server that dies and comes back in the middle of a
+verified fio run."""
 
 import http.server
 import json
@@ -12,9 +13,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (nbdcrypt_luks1, nbd_backing, qemu_luks_create, qemu_luks_opts, qemu_write, random_file,
                             serving)
-from tests.tools import nbdcrypt_cmd, psk_file, require, run
+from tests.tools import (FAST_PBKDF, cryptsetup, cryptsetup_decrypt, nbdcrypt, nbdcrypt_cmd, psk_file, read_all,
+                         require, run, write_all)
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -141,3 +145,23 @@ def test_unreachable_store_is_a_clear_error(tmp_path, key_file):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "cannot connect" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("maker", ["cryptsetup", "nbdcrypt"])
+def test_detached_header_with_the_data_behind_nbd(tmp_path, key_file, maker):
+    """The header a local file, the data behind nbdkit: what nbdcrypt writes reads back,
+    and cryptsetup decrypts it to the same bytes."""
+    require("cryptsetup")
+    data, header = tmp_path / "data", tmp_path / "hdr"
+    data.write_bytes(bytes(1 << 20))
+    options = ["--type", "luks2", "--header", header, "--key-file", key_file, *FAST_PBKDF["pbkdf2"]]
+    if maker == "cryptsetup":
+        cryptsetup("luksFormat", *options, data)
+    else:
+        nbdcrypt("format", *options, data)
+    plain = random_file(tmp_path / "plain", 1 << 20, seed=3)
+    with nbd_backing(data) as uri, serving(uri, key_file, "--header", header, socket_path=tmp_path / "s.sock") as url:
+        write_all(url, plain)
+        assert read_all(url) == plain.read_bytes()
+    cryptsetup_decrypt(data, header, key_file)
+    assert data.read_bytes() == plain.read_bytes()

@@ -148,7 +148,7 @@ class Payload:
 
     def open_volume(self, store, master_key):
         """The plaintext block device on the data file ``store``."""
-        if self.payload_offset == 0 and self.file_id is not None and self.file_id == _file_id(store.path):
+        if self.payload_offset == 0 and self.file_id is not None and self.file_id == store.file_id():
             raise FormatError(f"{self.name}: data offset 0 means a detached header, "
                               f"but this header is in the data file; give the data file and --header")
         return Volume(store, self.payload_cipher(master_key), self.payload_offset,
@@ -175,11 +175,6 @@ def file_id(f):
         st = os.fstat(f.fileno())
     except (AttributeError, OSError, io.UnsupportedOperation):
         return None
-    return st.st_dev, st.st_ino
-
-
-def _file_id(path):
-    st = os.stat(path)
     return st.st_dev, st.st_ino
 
 

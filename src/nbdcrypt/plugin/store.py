@@ -2,7 +2,8 @@
 
 A store does positional I/O on ciphertext and knows nothing of formats or keys:
 ``read_into(buf, offset)``, ``write(buf, offset, fua)``, ``flush()``, ``size()``,
-``close()``, ``readonly`` and ``path`` (for messages).  All threads share one store;
+``close()``, ``file_id()`` (to tell the data file from a detached header file),
+``readonly`` and ``path`` (for messages).  All threads share one store;
 every method is safe to call concurrently.  :func:`open_store` picks the kind: a
 local file, or any NBD server by URI (nbdkit's S3/curl/ssh plugins,
 qemu-storage-daemon, rbd-nbd ...) through libnbd.
@@ -56,6 +57,10 @@ class FileStore:
     def size(self):
         # lseek works for regular files and block devices alike.
         return os.lseek(self._fd, 0, os.SEEK_END)
+
+    def file_id(self):
+        st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino
 
     def read_into(self, buf, offset):
         """Fill the writable buffer ``buf`` from ``offset``; the range must exist."""
@@ -129,6 +134,9 @@ class NbdStore:
 
     def size(self):
         return self._size
+
+    def file_id(self):
+        return None  # no local file: never the same as a header file
 
     def read_into(self, buf, offset):
         view = memoryview(buf).cast("B")
