@@ -6,16 +6,20 @@ Inside nbdkit, one thread serves HTTP ``GET /metrics`` in Prometheus' text forma
 0600 and for our own user or root only (SO_PEERCRED), as the control socket;
 PORT listens on 127.0.0.1, HOST:PORT where it says.  Metrics hold counts and
 timings, nothing secret, so TCP has no authentication; the default keeps them on
-the host.
+the host.  Each connection is one request with its own thread inside nbdkit, so
+at most MAX_CONNECTIONS are served at once (more are closed unanswered) and a
+request must arrive within REQUEST_TIMEOUT seconds.
 
 prometheus_client writes the text; our own HTTP server serves it, since the
 client's servers cannot listen on a Unix socket or check peer credentials.
 """
 
+import io
 import os
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from socketserver import ThreadingMixIn, UnixStreamServer
 from urllib.parse import urlsplit
 
@@ -27,6 +31,8 @@ from .control_server import bind_private, peer_allowed
 from .stats import BUCKETS_US
 
 DIRECTIONS = ("read", "write")
+MAX_CONNECTIONS = 8  # a scraper or two, and an operator with curl
+REQUEST_TIMEOUT = 5.0  # seconds for a whole request: scrapers send theirs at once
 
 # Per direction: key in the statistics, metric family, help, scale.
 _PER_DIRECTION = (
@@ -137,6 +143,11 @@ class MetricsServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # StreamRequestHandler's, replaced by one with a deadline
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + REQUEST_TIMEOUT))
+
     def do_GET(self):
         if urlsplit(self.path).path != "/metrics":
             self.send_error(404, "metrics are at /metrics")
@@ -153,9 +164,49 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # a scrape every few seconds is not news
 
 
-class _UnixServer(ThreadingMixIn, UnixStreamServer):
+class _DeadlineReader(io.RawIOBase):
+    """Reads ``sock`` until ``deadline`` (time.monotonic()), then TimeoutError: a client
+    that trickles its request byte by byte is dropped as one that sends nothing."""
+
+    def __init__(self, sock, deadline):
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self._sock.settimeout(max(self._deadline - time.monotonic(), 1e-3))
+        return self._sock.recv_into(buffer)
+
+
+class _Bounded(ThreadingMixIn):
+    """A threading server that serves at most MAX_CONNECTIONS connections at once and
+    closes the others at once, so a flood cannot pile up threads in nbdkit."""
+
     daemon_threads = True
 
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _UnixServer(_Bounded, UnixStreamServer):
     def server_bind(self):
         bind_private(self.socket, self.server_address)
 
@@ -163,7 +214,7 @@ class _UnixServer(ThreadingMixIn, UnixStreamServer):
         return peer_allowed(request)
 
 
-class _TcpServer(ThreadingHTTPServer):
+class _TcpServer(_Bounded, HTTPServer):
     def __init__(self, address, handler):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
