@@ -13,7 +13,8 @@ from nbdcrypt.formats.luks2 import Luks2Header, binary, format_luks2
 from nbdcrypt.formats.luks2 import format as luks2_format
 from nbdcrypt.formats.luks2.header import pack_json
 from nbdcrypt.plugin.store import FileStore
-from tests.tools import nbdcrypt
+from tests.conftest import serving
+from tests.tools import nbdcrypt, run
 
 OLD, NEW = b"old passphrase", b"new passphrase"
 FAST = dict(pbkdf="pbkdf2", pbkdf_iterations=1000)
@@ -135,6 +136,7 @@ REFUSALS = [
     ("superscript digest keyslot", setter("digests/0/keyslots", ["\u00b2"]), FormatError, "invalid id"),
     ("superscript segment", setter("digests/0/segments", ["0", "\u00b9"]), FormatError, "invalid id"),
     ("no config", lambda d: d.pop("config"), FormatError, "config must be an object"),
+    ("long digest", setter("digests/0/digest", "A" * 88), FormatError, "digest has 66 bytes"),
 ]
 
 
@@ -152,6 +154,30 @@ def test_non_ascii_id_is_one_line_from_the_cli(image):
     result = nbdcrypt("info", image, check=False)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == f"nbdcrypt: {image}: LUKS2 keyslots: invalid id '\u00b2'\n"
+
+
+def test_unlock_budget_from_the_cli(image, tmp_path):
+    """32 keyslots at cryptsetup's limits would take days to try: keyslots past the
+    budget of one unlock are not tried unless named, and the error names them."""
+    with open(image, "r+b") as f:
+        for slot in (1, 2):
+            luks_common.add_passphrase(f, read(image), OLD, NEW, slot, **FAST_KDF)
+    rewrite(image, lambda d: [d["keyslots"][s]["kdf"].update(iterations=1 << 28) for s in ("1", "2")])
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_bytes(OLD)
+    new.write_bytes(NEW)
+    result = nbdcrypt("keyslot", "add", image, "--key-file", new, "--new-key-file", old, check=False)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"nbdcrypt: {image}: no key available with this passphrase in keyslots 0; "
+                             f"keyslots 1, 2 not tried, their key derivation would pass the budget of one "
+                             f"unlock: name the keyslot to open with --key-slot N\n")
+    served = nbdcrypt("serve", image, "--key-file", new, "--socket", tmp_path / "s", check=False)
+    assert served.returncode == 2 and served.stderr == result.stderr
+    with serving(image, old, "--key-slot", "0", socket_path=tmp_path / "s") as uri:
+        assert run(["nbdinfo", "--size", uri]).stdout == f"{1 << 20}\n"
+    result = nbdcrypt("keyslot", "change", image, "--key-file", old, "--new-key-file", new, "--key-slot", 0,
+                      "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", 1000)
+    assert result.stdout == f"{image}: keyslot 0 now holds the new passphrase\n"
 
 
 def damage(path, offset, data=b"\xff"):
@@ -306,6 +332,18 @@ def _opens(header, passphrase, f):
         return True
     except BadPassphraseError:
         return False
+
+
+@pytest.mark.parametrize("make", [luks1_image, luks2_image], ids=["luks1", "luks2"])
+def test_a_named_keyslot_is_tried_at_any_cost(tmp_path, make, monkeypatch):
+    image = make(tmp_path / "disk.img")
+    with open(image, "r+b") as f:
+        luks_common.add_passphrase(f, read(image), OLD, NEW, **FAST_KDF)
+        monkeypatch.setattr(luks_common, "UNLOCK_BUDGET", 1)
+        header = read(image)
+        with pytest.raises(InputError, match="^disk.img: keyslots 0, 1 not tried"):
+            header.unlock(NEW, f)
+        assert header.unlock_slot(NEW, f, 1)[0] == 1
 
 
 def test_format_refuses_bad_arguments_before_writing(tmp_path):

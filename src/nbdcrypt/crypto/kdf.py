@@ -124,6 +124,14 @@ class Kdf:
         else:
             raise UnsupportedError(f"{where}: unsupported key derivation {self.type}")
 
+    def cost(self, length):
+        """Work units to derive ``length`` bytes, to bound what one unlock spends: PBKDF2
+        runs its iterations once per output block; an Argon2 pass over 1 KiB costs about
+        four PBKDF2 iterations (0.2-1 microsecond each, on one core)."""
+        if self.type == "pbkdf2":
+            return self.time * math.ceil(length / digest_size(self.hash))
+        return 4 * self.time * self.memory
+
     def derive(self, passphrase, length):
         """``length`` bytes derived from ``passphrase``, as a bytearray to wipe."""
         if self.type == "pbkdf2":

@@ -78,6 +78,9 @@ def build_parser():
     serve.add_argument("image", metavar="IMAGE", nargs="?", help="encrypted image file (or `image` in --config)")
     add_key_options(serve)
     serve.add_argument("--header", metavar="FILE", help="detached LUKS header file")
+    serve.add_argument("--key-slot", "-S", type=int, metavar="N",
+                       help="open only LUKS keyslot N, whatever its key derivation costs (default: "
+                            "try keyslots within the budget of one unlock)")
     serve.add_argument("--backing-key-file", metavar="FILE", action="append",
                        help="read the passphrase of an encrypted qcow2 backing file from FILE (whole file); "
                             "repeat for each encrypted backing file, nearest first (the last one given "

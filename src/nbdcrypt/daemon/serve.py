@@ -63,7 +63,7 @@ def main(args):
             backing_passphrases.append(keys.read_passphrase(path))
         return serve(image, passphrase, listener, header=args.header, readonly=args.readonly,
                      settings=settings, control=args.control, metrics=args.metrics, notify=notify,
-                     backing_passphrases=backing_passphrases)
+                     backing_passphrases=backing_passphrases, key_slot=args.key_slot)
     finally:
         for secret in [passphrase, *backing_passphrases]:
             keys.wipe(secret)
@@ -89,7 +89,7 @@ def queueing_settings(args):
     return settings
 
 
-def unlock(image, header_path, passphrase, readonly, backing_passphrases=()):
+def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key_slot=None):
     """Check the image opens as it will be served (exists, writable unless ``readonly``)
     and return ``(header, master_key, payload_size)``; the key (followed by those of
     encrypted qcow2 backing files: :func:`~nbdcrypt.plugin.export.unlock_all`) is
@@ -99,7 +99,7 @@ def unlock(image, header_path, passphrase, readonly, backing_passphrases=()):
         with header_file(image, header_path, store) as f:
             header = read_header(f, header_path or image)
             size = header.payload_size(store.size())  # a header that does not fit: before any KDF runs
-            key = unlock_all(header, f, image, passphrase, backing_passphrases)
+            key = unlock_all(header, f, image, passphrase, backing_passphrases, key_slot)
             return header, keys.lock(key), size
     finally:
         store.close()
@@ -130,19 +130,20 @@ def plugin_environment(listener):
 
 
 def serve(image, passphrase, listener, header=None, readonly=False, settings=None, control=None,
-          notify=Notifier(), log=print, backing_passphrases=(), metrics=None):
+          notify=Notifier(), log=print, backing_passphrases=(), metrics=None, key_slot=None):
     """Serve ``image`` until SIGTERM/SIGINT/SIGHUP; return nbdkit's exit status.
 
     ``listener`` comes from :func:`choose_listener`; ``settings`` are queueing-layer
     settings; ``control`` is the control socket's path; ``backing_passphrases`` open
-    encrypted qcow2 backing files, nearest first; ``metrics`` is where to serve Prometheus metrics."""
+    encrypted qcow2 backing files, nearest first; ``metrics`` is where to serve Prometheus metrics;
+    ``key_slot`` is the only LUKS keyslot to try."""
     params = dict(settings or {})
     if control:
         params["control"] = os.path.abspath(control)
     if metrics:
         params["metrics"] = absolute_address(metrics)
     header = os.path.abspath(header) if header else None
-    hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases)
+    hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases, key_slot)
     banner = (f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, {size} bytes) "
               f"at {listener.uri}")
     try:

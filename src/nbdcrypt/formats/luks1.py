@@ -215,18 +215,24 @@ class Luks1Header(Payload):
 
     # -- keys and keyslots ---------------------------------------------------------
 
-    def unlock(self, passphrase, f):
+    def unlock(self, passphrase, f, slot=None):
         """The master key (a bytearray the caller should wipe) from the first enabled
         keyslot the passphrase opens; BadPassphraseError if none does."""
-        return self.unlock_slot(passphrase, f)[1]
+        return self.unlock_slot(passphrase, f, slot)[1]
 
     def unlock_slot(self, passphrase, f, slot=None):
-        """``(slot number, master key)``, trying only ``slot`` if given."""
-        candidates = self.active_keyslots() if slot is None else [slot]
+        """``(slot number, master key)``, trying only ``slot`` if given (at any cost,
+        else within the unlock budget)."""
         if slot is not None and slot not in self.active_keyslots():
             raise InputError(f"{self.name}: keyslot {slot} is not in use")
-        return try_keyslots(candidates, lambda i: self._open_keyslot(i, passphrase, f),
-                            self._digest_matches, self.name)
+        return try_keyslots(self.active_keyslots() if slot is None else [slot],
+                            lambda i: self._open_keyslot(i, passphrase, f), self._digest_matches, self.name,
+                            self._cost if slot is None else None)
+
+    def _cost(self, i):
+        """Kdf.cost of trying keyslot ``i``: its PBKDF2, then the digest's."""
+        return (self._sealing(self.keyslots[i]).kdf.cost(self.key_bytes)
+                + Kdf("pbkdf2", b"", self.mk_digest_iterations, self.hash_name).cost(DIGEST_SIZE))
 
     def check_master_key(self, key):
         """Raise unless ``key`` is this image's master key (e.g. one given by the user)."""
@@ -236,11 +242,9 @@ class Luks1Header(Payload):
             raise BadPassphraseError(f"{self.name}: master key does not match the header's digest")
 
     def payload_cipher(self, master_key):
-        """The sector cipher for the payload; sector numbers count from the payload offset.
-
-        It gets its own copy of the key: the engine keys new threads' contexts from it
-        later, so the caller's buffer must stay free to wipe."""
-        return SectorCipher(self.cipher_spec, bytes(master_key), sector_size=SECTOR_SIZE)
+        """The sector cipher for the payload (with its own copy of the key: the caller
+        wipes ``master_key``); sector numbers count from the payload offset."""
+        return SectorCipher(self.cipher_spec, master_key, sector_size=SECTOR_SIZE)
 
     def _digest_matches(self, key):
         digest = pbkdf2(self.hash_name, key, self.mk_digest_salt, self.mk_digest_iterations, DIGEST_SIZE)

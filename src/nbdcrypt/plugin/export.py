@@ -107,13 +107,16 @@ class Export:
         return key, backing_keys
 
 
-def unlock_all(header, f, image, passphrase, backing_passphrases=()):
-    """The master keys ``image`` needs, as the daemon hands them over: its own, then
-    those of its encrypted qcow2 backing files (unlocked first, so a missing backing
-    key fails before the image's key derivation).  One bytearray to wipe."""
+def unlock_all(header, f, image, passphrase, backing_passphrases=(), key_slot=None):
+    """The master keys ``image`` needs, as the daemon hands them over: its own (from
+    LUKS keyslot ``key_slot`` only, if given), then those of its encrypted qcow2
+    backing files (unlocked first, so a missing backing key fails before the image's
+    key derivation).  One bytearray to wipe."""
+    if key_slot is not None and not hasattr(header, "unlock_slot"):
+        raise InputError(f"{image}: --key-slot is for LUKS images")
     backing = unlock_backing(header, image, backing_passphrases)
     try:
-        key = header.unlock(passphrase, f)
+        key = header.unlock(passphrase, f) if key_slot is None else header.unlock(passphrase, f, key_slot)
     except BaseException:
         wipe(backing)
         raise

@@ -7,6 +7,8 @@ from nbdcrypt.crypto.kdf import Kdf
 from nbdcrypt.errors import UnsupportedError
 from nbdcrypt.formats.luks2 import fields
 
+MAX_DIGEST = 64  # bytes: cryptsetup's limit; a longer one only multiplies the PBKDF2 work
+
 
 @dataclass(frozen=True)
 class Digest:
@@ -38,4 +40,4 @@ def parse(digest_id, data, where):
               fields.text(data, "hash", where))
     kdf.check(where)
     return Digest(digest_id, tuple(fields.ids(data, "keyslots", where)),
-                  tuple(fields.ids(data, "segments", where)), kdf, fields.b64(data, "digest", where))
+                  tuple(fields.ids(data, "segments", where)), kdf, fields.b64(data, "digest", where, MAX_DIGEST))

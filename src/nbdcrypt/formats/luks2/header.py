@@ -153,11 +153,12 @@ class Luks2Header(Payload):
 
     # -- keys ----------------------------------------------------------------------
 
-    def unlock(self, passphrase, f):
-        return self.unlock_slot(passphrase, f)[1]
+    def unlock(self, passphrase, f, slot=None):
+        return self.unlock_slot(passphrase, f, slot)[1]
 
     def unlock_slot(self, passphrase, f, slot=None):
-        """``(slot, master_key)``: cryptsetup's order, priority 2 first, 0 never unless named."""
+        """``(slot, master_key)``: cryptsetup's order, priority 2 first, 0 never unless
+        named; a named slot at any cost, else within the unlock budget."""
         candidates = [slot] if slot is not None else sorted(
             (s for s in self.digest.keyslots if self.keyslots[s].priority),
             key=lambda s: (-self.keyslots[s].priority, s))
@@ -165,7 +166,12 @@ class Luks2Header(Payload):
             if s not in self.digest.keyslots:
                 raise InputError(f"{self.name}: keyslot {s} is not in use")
         return try_keyslots(candidates, lambda s: self._open_keyslot(s, passphrase, f),
-                            self.digest.matches, self.name)
+                            self.digest.matches, self.name, self._cost if slot is None else None)
+
+    def _cost(self, slot_id):
+        """Kdf.cost of trying a keyslot: its KDF, then the digest's."""
+        sealing = self.keyslots[slot_id].sealing
+        return sealing.kdf.cost(sealing.key_bytes) + self.digest.kdf.cost(len(self.digest.digest))
 
     def check_master_key(self, key):
         if len(key) != self.key_bytes:
@@ -176,7 +182,7 @@ class Luks2Header(Payload):
     def payload_cipher(self, master_key):
         # dm-crypt counts a LUKS2 segment's IVs in 512-byte units whatever its sector
         # size (cryptsetup sets iv_large_sectors only for plain mode); iv_tweak too.
-        return SectorCipher(self.cipher_spec, bytes(master_key), sector_size=self.sector_size,
+        return SectorCipher(self.cipher_spec, master_key, sector_size=self.sector_size,
                             iv_tweak=self.segment.iv_tweak)
 
     def _open_keyslot(self, slot_id, passphrase, f):
