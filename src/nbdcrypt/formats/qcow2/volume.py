@@ -7,9 +7,13 @@ through the cipher, in parallel.  Anything else — a new cluster, a zero or
 compressed cluster, one shared with a snapshot, a new or shared L2 table — goes
 through :meth:`Qcow2Volume._rewrite` under one metadata lock, in crash-safe order:
 
-1. allocate clusters, write their refcounts, flush;
-2. write the data (whole clusters: old contents patched with the new bytes);
-3. write L2 entries (a new L2 table is written and flushed before the L1 entry);
+1. allocate clusters, write their refcounts (a new refcount block is flushed before
+   the refcount table entry naming it);
+2. write the data (whole clusters: old contents patched with the new bytes) and new
+   L2 tables;
+3. flush, so refcounts, copied old contents and new tables are on disk before anything
+   points at them (skipped when nothing was allocated and nothing copied: QEMU's COW
+   regions), then write L2 entries and the L1 entries of new tables;
 4. flush, then drop the references the old mappings held.
 
 Discard (trim) and write-zeroes of whole clusters take the same path with no data:
@@ -261,6 +265,7 @@ class Qcow2Volume:
         (``discard``)."""
         cs = self._cs
         entries, fills, in_place, dropped = {}, [], [], []
+        copied = False  # whether any new cluster holds old contents (QEMU's COW regions)
         for cluster in range(offset // cs, -(-(offset + length) // cs)):
             m = self._lookup(cluster)
             lo, hi = max(offset, cluster * cs), min(offset + length, (cluster + 1) * cs)
@@ -277,6 +282,7 @@ class Qcow2Volume:
                 plain = bytearray(cs)
                 if hi - lo < cs:
                     self._read_run(memoryview(plain), cluster * cs, m)
+                    copied = True
                 plain[lo % cs:lo % cs + hi - lo] = data[lo - offset:hi - offset]
                 fills.append((cluster, plain, m.host if keep else None))
             if not keep:
@@ -287,13 +293,18 @@ class Qcow2Volume:
             return
         self._refcounts.check_release(dropped)  # a corrupt refcount: fail before any write
         tables = self._l2_tables_to_write(set(entries) | {c for c, _, _ in fills})
-        hosts = self._allocate(tables, fills)
+        hosts, allocated = self._allocate(tables, fills)
         for (cluster, plain, _), host in zip(fills, hosts):
             self.path.write(plain, host, self._iv_sector(host, cluster * cs))
             entries[cluster] = host | COPIED
         for piece in in_place:
             self._write_data(*piece)
-        dropped += self._update_l2(tables, entries)
+        self._write_new_tables(tables, entries)
+        if allocated or copied:
+            # One flush for every dependency: the new clusters' refcounts, the old contents
+            # copied into them and new L2 tables reach the disk before anything points at them.
+            self.store.flush()
+        dropped += self._link_l2(tables, entries)
         if dropped:
             self.store.flush()  # no reference may drop before its replacement is on disk
             for ref in dropped:
@@ -325,8 +336,8 @@ class Qcow2Volume:
         return tables
 
     def _allocate(self, tables, fills):
-        """Host offsets for new L2 tables and new data clusters; their refcounts are on
-        disk when this returns."""
+        """(host offsets of the fills, whether any cluster was allocated): new L2 tables
+        and data clusters, their refcounts written (not flushed)."""
         cs = self._cs
         new_tables = [slot for slot in tables.values() if slot[1] == 0]
         new = iter(self._refcounts.allocate(len(new_tables) + sum(host is None for _, _, host in fills)))
@@ -334,30 +345,33 @@ class Qcow2Volume:
             slot[1] = next(new) * cs
         hosts = [host if host is not None else next(new) * cs for _, _, host in fills]
         self._refcounts.commit()
-        self.store.flush()
         self._tables.file_size = self._refcounts.end * cs
-        return hosts
+        return hosts, bool(new_tables) or any(host is None for _, _, host in fills)
 
-    def _update_l2(self, tables, entries):
-        """Point L2 entries at their new mappings; returns the references old L2
-        tables held (to drop once this is on disk)."""
-        per_table = self._tables.l2_entries
-        moved = []
+    def _write_new_tables(self, tables, entries):
+        """Write the new L2 tables (copies of the old ones, or empty, with ``entries``
+        applied); nothing points at them yet."""
         for l1_index, (old, new) in tables.items():
-            updates = {c % per_table: e for c, e in entries.items() if c // per_table == l1_index}
+            if new is not None:
+                table = self._tables.table(old).copy() if old else np.zeros(self._tables.l2_entries, np.uint64)
+                for index, value in self._updates(entries, l1_index).items():
+                    table[index] = value
+                self._tables.write_table(new, table)
+
+    def _link_l2(self, tables, entries):
+        """Point the kept L2 tables' entries and the L1 entries of new tables at their new
+        mappings; returns the references old L2 tables held (to drop once this is on disk)."""
+        for l1_index, (old, new) in tables.items():
             if new is None:
-                self._tables.set_entries(old, updates)
-                continue
-            table = self._tables.table(old).copy() if old else np.zeros(per_table, np.uint64)
-            for index, value in updates.items():
-                table[index] = value
-            self._tables.write_table(new, table)
-            moved.append((l1_index, old, new))
-        if moved:
-            self.store.flush()  # an L1 entry must never point at an unwritten table
-        for l1_index, old, new in moved:
-            self._tables.set_l1(l1_index, new | COPIED)
-        return [(old, self._cs) for _, old, _ in moved if old]
+                self._tables.set_entries(old, self._updates(entries, l1_index))
+            else:
+                self._tables.set_l1(l1_index, new | COPIED)
+        return [(old, self._cs) for old, new in tables.values() if new is not None and old]
+
+    def _updates(self, entries, l1_index):
+        """{L2 index: entry} of the ``entries`` {guest cluster: entry} under one L1 entry."""
+        per_table = self._tables.l2_entries
+        return {c % per_table: e for c, e in entries.items() if c // per_table == l1_index}
 
 
 def _follows(run, m):
