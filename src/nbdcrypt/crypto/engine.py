@@ -29,10 +29,13 @@ thread-safe, so each call borrows a set of its own from a pool: one SectorCipher
 may serve many threads at once.
 """
 
+import ctypes
+
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from nbdcrypt.crypto.secrets import Secret
 from nbdcrypt.crypto.spec import ESSIV_HASHES, CipherSpec
 from nbdcrypt.errors import InputError, UnsupportedError
 
@@ -49,7 +52,9 @@ class SectorCipher:
     def __init__(self, spec: CipherSpec, key: bytes, sector_size: int = 512,
                  iv_large_sectors: bool = False, iv_tweak: int = 0):
         spec.check_key_size(len(key))
-        key = bytes(key)  # contexts are made lazily per thread: a caller may wipe its copy
+        # Contexts are made lazily per thread from this one locked copy (the cipher
+        # objects below keep references to it, or views of it): a caller may wipe its own.
+        key = Secret(key)
         if sector_size not in SECTOR_SIZES:
             raise InputError(f"sector size {sector_size} is not one of {SECTOR_SIZES}")
         self.spec = spec
@@ -148,7 +153,7 @@ class _BotanEcb:
         except ImportError:
             raise UnsupportedError(f"cipher {cipher} needs Botan (python3-botan)") from None
         self._new = lambda: botan2.BlockCipher(self._NAMES.get(cipher) or f"Camellia-{8 * len(key)}")
-        self._key = bytes(key)
+        self._key = (ctypes.c_char * len(key)).from_buffer(key)  # a view: Botan's set_key wants a char *
 
     def encryptor(self):
         return _BotanContext(self._new(), self._key, encrypt=True)
@@ -193,7 +198,7 @@ class _IvGenerator:
             # volume key (both halves for XTS), as dm-crypt and cryptsetup do.
             digest = hashes.Hash(ESSIV_HASHES[spec.iv_hash]())
             digest.update(key)
-            self._essiv = _ecb(spec.cipher, digest.finalize())
+            self._essiv = _ecb(spec.cipher, Secret(digest.finalize()))  # finalize's bytes stay unwiped
 
     def init_thread(self, state):
         if self._kind == "essiv":
@@ -334,6 +339,7 @@ class _Xts:
 
     def __init__(self, cipher, key, sector_size):
         half = len(key) // 2
+        key = memoryview(key)  # halves as views, not copies
         if key[:half] == key[half:]:
             raise InputError("XTS key halves are equal, which OpenSSL refuses")
         self._tweak = _ecb(cipher, key[half:])

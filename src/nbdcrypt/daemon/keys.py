@@ -5,64 +5,26 @@ credential (a file in ``$CREDENTIALS_DIRECTORY``), a user key in the kernel
 keyring (read with ``keyctl pipe``, so it never reaches a command line), a file
 descriptor or piped stdin (one line), or a prompt.  Never argv or the environment.
 
-Every source returns a bytearray locked in RAM where RLIMIT_MEMLOCK allows; the
-caller wipes it (:func:`wipe`).  Copies made by libraries (OpenSSL's key
-schedule, Argon2's buffers) are outside our reach: docs/security.md says what
-is and is not covered.
+Every source returns a :class:`~nbdcrypt.crypto.secrets.Secret`, locked in RAM
+where RLIMIT_MEMLOCK allows; the caller wipes it (:func:`wipe`).
 """
 
-import ctypes
 import getpass
 import os
-import resource
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
+from ..crypto.secrets import MAX_KEY_FILE, Secret, protect_process, read_secret, wipe  # noqa: F401  (keys.wipe for callers)
 from ..errors import InputError
 
-MAX_KEY_FILE = 8 << 20  # cryptsetup's default keyfile size limit
 MAX_LINE = 64 << 10  # a passphrase on a descriptor or stdin
-PR_SET_DUMPABLE = 4
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def protect_process():
-    """No core dumps, no ptrace by other processes of our user; children inherit
-    the core limit (nbdkit sets its own PR_SET_DUMPABLE, which exec resets)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-
-
-def secret(size):
-    """A zeroed bytearray for key material, locked in RAM (see :func:`lock`)."""
-    return lock(bytearray(size))
-
-
-def lock(buf):
-    """mlock ``buf`` if RLIMIT_MEMLOCK allows (otherwise it may reach swap); return it."""
-    if buf:
-        _libc.mlock(_address(buf), len(buf))
-    return buf
-
-
-def wipe(buf):
-    """Zero ``buf`` in place and unlock it."""
-    if buf:
-        ctypes.memset(_address(buf), 0, len(buf))
-        _libc.munlock(_address(buf), len(buf))
-
-
-def _address(buf):
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
 def read_passphrase(key_file=None, passphrase_fd=None, prompt="Enter passphrase: ", credential=None,
                     keyring=None):
-    """The passphrase (a locked bytearray to :func:`wipe`) from the one source given."""
+    """The passphrase (a Secret to :func:`wipe`) from the one source given."""
     given = [s for s in (key_file, passphrase_fd, credential, keyring) if s is not None]
     if len(given) > 1:
         raise InputError("give only one of --key-file, --passphrase-fd, --key-credential, --key-keyring")
@@ -83,9 +45,7 @@ def _from_prompt(prompt):
     typed = getpass.getpass(prompt).encode()  # an immutable copy we cannot wipe: interactive use only
     if not typed:
         raise InputError("empty passphrase")
-    buf = secret(len(typed))
-    buf[:] = typed
-    return buf
+    return Secret(typed)
 
 
 def _credential_path(name):
@@ -106,9 +66,7 @@ def _read_key_file(path):
     except OSError as e:
         raise InputError(f"{path}: cannot read key file: {e.strerror}") from None
     try:
-        info = os.fstat(fd)
-        capacity = info.st_size + 1 if stat.S_ISREG(info.st_mode) else MAX_KEY_FILE + 1
-        data = _read_fd(fd, min(capacity, MAX_KEY_FILE + 1), f"key file {path}")
+        data = _read_fd(fd, MAX_KEY_FILE + 1, f"key file {path}")
     finally:
         os.close(fd)
     if len(data) > MAX_KEY_FILE:
@@ -147,21 +105,8 @@ def _read_line(fd, name):
     return data
 
 
-def _read_fd(fd, capacity, name, line=False):
-    """Up to ``capacity`` bytes (up to a newline if ``line``) as an exact-size locked bytearray.
-    A line is read a byte at a time so nothing after it is consumed."""
-    buf, n = secret(capacity), 0
+def _read_fd(fd, limit, name, line=False):
     try:
-        with memoryview(buf) as view:
-            while n < capacity:
-                got = os.readv(fd, [view[n:n + 1] if line else view[n:]])
-                if got == 0 or (line and buf[n] == ord("\n")):
-                    break
-                n += got
-            result = secret(n)
-            result[:] = view[:n]
+        return read_secret(fd, limit, line)
     except OSError as e:
         raise InputError(f"cannot read {name}: {e.strerror}") from None
-    finally:
-        wipe(buf)
-    return result

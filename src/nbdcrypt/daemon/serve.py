@@ -99,8 +99,7 @@ def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key
         with header_file(image, header_path, store) as f:
             header = read_header(f, header_path or image)
             size = header.payload_size(store.size())  # a header that does not fit: before any KDF runs
-            key = unlock_all(header, f, image, passphrase, backing_passphrases, key_slot)
-            return header, keys.lock(key), size
+            return header, unlock_all(header, f, image, passphrase, backing_passphrases, key_slot), size
     finally:
         store.close()
 

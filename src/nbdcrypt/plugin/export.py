@@ -9,7 +9,7 @@ also accepts ``key-file=PATH`` holding the passphrase.
 import os
 from dataclasses import fields
 
-from ..crypto import wipe
+from ..crypto.secrets import MAX_KEY_FILE, Secret, joined, read_secret, wipe
 from ..errors import InputError
 from ..formats import open_header
 from ..formats.qcow2.backing import backing_key_bytes, unlock_backing
@@ -102,7 +102,7 @@ class Export:
             backing = [_read_file(path) for path in self.params.get("backing-key-file", [])]
             keys = unlock_all(header, f, image, _read_file(self.params["key-file"]), backing)
             return split_keys(header, image, keys)
-        key, backing_keys = split_keys(header, image, bytearray(read_all(int(self.params["master-key-fd"]))))
+        key, backing_keys = split_keys(header, image, _read_handover(int(self.params["master-key-fd"])))
         header.check_master_key(bytes(key))
         return key, backing_keys
 
@@ -120,7 +120,7 @@ def unlock_all(header, f, image, passphrase, backing_passphrases=(), key_slot=No
     except BaseException:
         wipe(backing)
         raise
-    return _joined(key, backing)
+    return joined([key, backing])
 
 
 def split_keys(header, image, keys):
@@ -129,24 +129,15 @@ def split_keys(header, image, keys):
     if cut <= 0:
         wipe(keys)
         raise InputError(f"{image}: the master key handover is too short")
-    key, backing = keys[:cut], keys[cut:]
+    with memoryview(keys) as view:
+        key, backing = Secret(view[:cut]), Secret(view[cut:])
     wipe(keys)
     return key, backing
 
 
-def _joined(*parts):
-    """One buffer holding ``parts`` in order; the parts are wiped."""
-    out, pos = bytearray(sum(map(len, parts))), 0
-    for part in parts:
-        out[pos:pos + len(part)] = part
-        pos += len(part)
-        wipe(part)
-    return out
-
-
 def _read_file(path):
     with _open(path) as f:
-        return f.read()
+        return read_secret(f.fileno(), MAX_KEY_FILE)
 
 
 def header_file(image, header, store):
@@ -166,12 +157,9 @@ def _open(path):
         raise InputError(f"{path}: is a directory") from None
 
 
-def read_all(fd):
-    """Read a pipe to its end and close it."""
-    chunks = []
+def _read_handover(fd):
+    """The keys the daemon wrote to the pipe ``fd``, read straight into a Secret; ``fd`` is closed."""
     try:
-        while chunk := os.read(fd, 4096):
-            chunks.append(chunk)
+        return read_secret(fd, MAX_KEY_FILE)
     finally:
         os.close(fd)
-    return b"".join(chunks)

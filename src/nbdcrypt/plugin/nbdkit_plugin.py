@@ -4,13 +4,13 @@ Each callback is a thin shim over :mod:`nbdcrypt.plugin.export` and the volume;
 nbdcrypt errors become the errno the NBD client sees.
 """
 
-import ctypes
 import errno
 import functools
 import traceback
 
 import nbdkit
 
+from nbdcrypt.crypto.secrets import protect_process
 from nbdcrypt.errors import NbdcryptError
 from nbdcrypt.plugin.export import Export
 
@@ -21,9 +21,8 @@ MAX_REQUEST = 32 << 20
 
 _export = Export()
 
-# This process will hold the master key: no core dumps, no ptrace by our user's other
-# processes (exec reset what serve set for itself; RLIMIT_CORE 0 is inherited).
-ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+# This process will hold the master key (exec reset the dumpable flag serve set for itself).
+protect_process()
 
 
 def _one_line_for_ours(*args, **kwargs):

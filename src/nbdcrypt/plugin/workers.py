@@ -27,7 +27,6 @@ import json
 import mmap
 import os
 import queue
-import resource
 import signal
 import socket
 import struct
@@ -37,7 +36,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..crypto import wipe
+from ..crypto.secrets import Secret, protect_process, wipe
 from ..crypto.engine import SectorCipher
 from ..crypto.spec import CipherSpec
 from ..errors import NbdcryptError, StoreError, UnsupportedError
@@ -47,7 +46,7 @@ SLOT = 4 << 20  # shared memory per worker process; a multiple of every sector s
 START_TIMEOUT = 60.0  # for a new worker to import its modules and build its cipher
 WAIT_TIMEOUT = 60.0  # for a free worker, before a request fails with EIO
 PROBE_SECTOR = (1 << 40) + 3  # far out, so IV options show in the ciphertext
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+PR_SET_PDEATHSIG = 1
 
 _REQUEST = struct.Struct("=?IQ")  # encrypt, length, first sector
 _REPLY = struct.Struct("=?d")  # ok, crypto seconds; when not ok an error message follows
@@ -234,12 +233,12 @@ class ProcessWorkers(_Pool):
 
 class CipherRecipe:
     """What a worker process needs to build the same cipher as ``cipher``: its
-    parameters and a copy of ``key`` (:meth:`wipe` it when done)."""
+    parameters and a locked copy of ``key`` (:meth:`wipe` it when done)."""
 
     def __init__(self, cipher, key):
         self.params = {"spec": str(cipher.spec), "sector_size": cipher.sector_size,
                        "iv_large_sectors": cipher.iv_large_sectors, "iv_tweak": cipher.iv_tweak}
-        self.key = bytearray(key)
+        self.key = Secret(key)
         if _probe(cipher) != _probe(build_cipher(self.params, self.key)):
             self.wipe()
             raise UnsupportedError(f"cannot rebuild the {cipher.spec} cipher in a worker process")
@@ -364,8 +363,7 @@ def main(sock_fd, slot_fd, parent):
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         return 1  # the parent died before we asked to die with it
-    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    protect_process()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Sent to the whole process group or cgroup, they are for serve: it stops
         # nbdkit, whose exit ends us (end-of-file, or PR_SET_PDEATHSIG).
@@ -393,7 +391,7 @@ def main(sock_fd, slot_fd, parent):
 
 def _receive_cipher(sock):
     params = json.loads(sock.recv(_MAX_MESSAGE))
-    key = bytearray(_MAX_MESSAGE)
+    key = Secret(_MAX_MESSAGE)
     try:
         size = sock.recv_into(key)
         return build_cipher(params, memoryview(key)[:size])
