@@ -11,7 +11,10 @@ of a 64-byte key take a few milliseconds.
 
 import os
 
+import numpy as np
+
 from nbdcrypt.crypto.kdf import hash_factory
+from nbdcrypt.crypto.secrets import Secret
 from nbdcrypt.errors import InputError
 
 
@@ -62,11 +65,13 @@ def split(key, stripes, hash_name):
 
 
 def merge(material, length, stripes, hash_name):
-    """Recover the ``length``-byte key (a bytearray) from the start of ``material``."""
+    """Recover the ``length``-byte key (a Secret) from the start of ``material``."""
     _check(length, stripes)
     if len(material) < length * stripes:
         raise InputError(f"anti-forensic material is {len(material)} bytes, need {length * stripes}")
     view = memoryview(material)
-    last = view[length * (stripes - 1) : length * stripes]
-    key = _chain(view, length, stripes, hash_name) ^ int.from_bytes(last, "big")
-    return bytearray(key.to_bytes(length, "big"))
+    key = Secret(view[length * (stripes - 1) : length * stripes])
+    mask = _chain(view, length, stripes, hash_name).to_bytes(length, "big")
+    # XORed in place: the key itself never passes through an int or bytes we cannot wipe.
+    np.bitwise_xor(np.frombuffer(key, np.uint8), np.frombuffer(mask, np.uint8), out=np.frombuffer(key, np.uint8))
+    return key

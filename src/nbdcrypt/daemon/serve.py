@@ -142,7 +142,11 @@ def serve(image, passphrase, listener, header=None, readonly=False, settings=Non
     if metrics:
         params["metrics"] = absolute_address(metrics)
     header = os.path.abspath(header) if header else None
-    hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases, key_slot)
+    try:
+        hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases, key_slot)
+    finally:
+        for secret in [passphrase, *backing_passphrases]:  # done with: nbdkit gets the key
+            keys.wipe(secret)
     banner = (f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, {size} bytes) "
               f"at {listener.uri}")
     try:

@@ -103,7 +103,7 @@ class Export:
             keys = unlock_all(header, f, image, _read_file(self.params["key-file"]), backing)
             return split_keys(header, image, keys)
         key, backing_keys = split_keys(header, image, _read_handover(int(self.params["master-key-fd"])))
-        header.check_master_key(bytes(key))
+        header.check_master_key(key)
         return key, backing_keys
 
 

@@ -11,7 +11,7 @@ so one passphrase serves a chain that shares it.
 
 import os
 
-from nbdcrypt.crypto import wipe
+from nbdcrypt.crypto.secrets import joined
 from nbdcrypt.errors import InputError, UnsupportedError
 from nbdcrypt.plugin.store import FileStore
 
@@ -60,7 +60,7 @@ def backing_chain(header, image_path):
 
 def unlock_backing(header, image_path, passphrases):
     """The master keys of the chain's encrypted files, the k-th unlocked with
-    ``passphrases[k]`` (or the last one, past the end); one bytearray to wipe, empty
+    ``passphrases[k]`` (or the last one, past the end); one Secret to wipe, empty
     if none is encrypted."""
     encrypted = [(path, b) for path, b in backing_chain(header, image_path) if b and b.encryption]
     if passphrases and not encrypted:
@@ -68,15 +68,13 @@ def unlock_backing(header, image_path, passphrases):
     if len(passphrases) > len(encrypted):
         raise InputError(f"{image_path}: {len(passphrases)} backing keys for {len(encrypted)} encrypted "
                          f"backing files ({WHICH_KEYS})")
-    keys = bytearray()
+    keys = []  # Secrets: wiped when freed, should a later one fail
     for k, (path, backing) in enumerate(encrypted):
         if not passphrases:
             raise InputError(f"{path}: {MISSING_KEY}")
         with _open(path) as f:
-            key = backing.unlock(passphrases[min(k, len(passphrases) - 1)], f)
-        keys += key
-        wipe(key)
-    return keys
+            keys.append(backing.unlock(passphrases[min(k, len(passphrases) - 1)], f))
+    return joined(keys)
 
 
 def backing_key_bytes(header, image_path):
@@ -116,7 +114,7 @@ def _open_one(path, header, key, parent):
         return Backing(store.read_into, store.size(), store.close)
     try:
         if header.encryption:
-            header.check_master_key(bytes(key))
+            header.check_master_key(key)
         volume = header.open_volume(store, key, parent)
     except BaseException:
         store.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from nbdcrypt.crypto.engine import SectorCipher
+from nbdcrypt.crypto.secrets import Secret
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import FormatError, InputError, UnsupportedError
 from nbdcrypt.formats.luks1 import Luks1Header
@@ -287,7 +288,7 @@ class Qcow2Header:
         """The sector cipher, or None for an unencrypted image."""
         if self.crypt_method == CRYPT_NONE:
             return None
-        return SectorCipher(self.cipher_spec, bytes(key), sector_size=SECTOR_SIZE)
+        return SectorCipher(self.cipher_spec, key, sector_size=SECTOR_SIZE)
 
     def open_volume(self, store, key=None, backing=None, backing_keys=b""):
         """The plaintext block device; ``backing`` overrides the backing file named in
@@ -307,8 +308,11 @@ class Qcow2Header:
 
 def aes_key(passphrase):
     """QEMU's legacy AES key: the passphrase as a C string, cut or zero-padded to 16 bytes."""
-    text = bytes(passphrase).partition(b"\0")[0][:AES_KEY_BYTES]
-    return bytearray(text.ljust(AES_KEY_BYTES, b"\0"))
+    end = passphrase.find(0)
+    length = min(AES_KEY_BYTES, len(passphrase) if end < 0 else end)
+    key = Secret(AES_KEY_BYTES)
+    key[:length] = memoryview(passphrase)[:length]  # no bytes copy, which we could not wipe
+    return key
 
 
 def _extensions(cluster, start, backing_offset, name):
