@@ -266,3 +266,13 @@ def test_metrics_text_parses_and_matches_the_statistics(tmp_path):
     assert len(buckets) == len(BUCKETS_US) + 1  # and +Inf
     assert buckets == sorted(buckets) and buckets[-1] == 3  # cumulative: +Inf holds every request
     volume.path.close()
+
+
+def test_non_ascii_digits_are_not_numbers():
+    # "²".isdigit() is true but int("²") raises: such text is a path or a group name, not a number.
+    from nbdcrypt.daemon.listener import _gid
+    from nbdcrypt.plugin.metrics import parse_address
+
+    assert parse_address("12²") == ("unix", "12²")
+    with pytest.raises(InputError, match="no such group"):
+        _gid("²")

@@ -128,7 +128,7 @@ def _gid(group):
     if group is None:
         return None
     try:
-        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        return int(group) if group.isascii() and group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError:
         raise InputError(f"no such group: {group}") from None
 

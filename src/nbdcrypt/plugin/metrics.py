@@ -56,7 +56,7 @@ def parse_address(text):
     """``("tcp", (host, port))`` for PORT or HOST:PORT (host 127.0.0.1 unless given),
     else ``("unix", path)``."""
     host, colon, port = str(text).rpartition(":")
-    if not port.isdigit() or "/" in text:
+    if not (port.isascii() and port.isdigit()) or "/" in text:
         return "unix", str(text)
     if int(port) > 65535 or (colon and not host):
         raise InputError(f"--metrics {text}: expected PATH, PORT or HOST:PORT")
