@@ -9,7 +9,7 @@ STATE ?= $(CURDIR)/.state
 SYSTEM_PYTHON := /usr/bin/python3
 APT_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin fio qemu-utils \
 	cryptsetup-bin fuse3 e2fsprogs python3-venv python3-pip python3-botan systemd keyutils gnutls-bin \
-	python3-prometheus-client
+	python3-prometheus-client gcc libssl-dev python3-dev
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -47,7 +47,8 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# setup.py builds the native sector kernel (src/nbdcrypt/crypto/_sector.c) in place.
+$(VENV)/.installed: pyproject.toml setup.py src/nbdcrypt/crypto/_sector.c
 	$(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[test]'
