@@ -289,7 +289,7 @@ def test_created_image_with_backing_file(tmp_path, key_file):
     base = tmp_path / "base.raw"
     base.write_bytes(random.Random(2).randbytes(MiB))
     image = tmp_path / "new.qcow2"
-    create(image, 2 * MiB, PASSPHRASE, backing="base.raw", iter_time_ms=10)
+    create(image, 2 * MiB, PASSPHRASE, backing="base.raw", backing_format="raw", iter_time_ms=10)
     qemu_check(image, key_file)
     assert qemu_read(image, key_file, tmp_path) == base.read_bytes() + bytes(MiB)
     assert read_all(open_volume(image, readonly=True)) == base.read_bytes() + bytes(MiB)

@@ -85,6 +85,7 @@ def build_parser():
                        help="read the passphrase of an encrypted qcow2 backing file from FILE (whole file); "
                             "repeat for each encrypted backing file, nearest first (the last one given "
                             "also opens deeper ones)")
+    add_backing_dir_option(serve)
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH",
                        help="listen on this Unix socket (default: /run/nbdcrypt/IMAGE.sock, or "
@@ -122,7 +123,9 @@ def build_parser():
     qcow2.add_argument("--compat", choices=["0.10", "1.1"], default="1.1",
                        help="qcow2 version: 0.10 is v2, 1.1 is v3 (default: %(default)s)")
     qcow2.add_argument("--backing", metavar="FILE", help="backing file, relative to the image's directory")
-    qcow2.add_argument("--backing-format", choices=["raw", "qcow2"], help="the backing file's format")
+    qcow2.add_argument("--backing-format", choices=["raw", "qcow2"],
+                       help="the backing file's format (required with --backing; never probed)")
+    add_backing_dir_option(qcow2)
     fmt.add_argument("--cipher", default="aes-xts-plain64", metavar="SPEC",
                      help="cipher in dm-crypt form (default: %(default)s)")
     fmt.add_argument("--key-size", type=int, default=None, metavar="BITS",
@@ -168,10 +171,17 @@ def build_parser():
                                            "geometry and keyslots of IMAGE. Needs no passphrase.")
     add_image_options(info)
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    add_backing_dir_option(info)
     info.set_defaults(run=run_info)
 
     ctl.add_parser(commands)
     return parser
+
+
+def add_backing_dir_option(parser):
+    parser.add_argument("--backing-dir", metavar="DIR", action="append",
+                        help="let a qcow2 backing file name lead into DIR (repeatable); without it only "
+                             "relative names without .. that stay in the image's directory are followed")
 
 
 def add_queueing_options(parser):
@@ -224,8 +234,8 @@ def run_format(args):
             print(f"nbdcrypt: warning: {AES_WARNING}", file=sys.stderr)
         make = lambda path, pp: create(
             path, size, pp, encrypt=args.encrypt, cluster_size=args.cluster_size, compat=args.compat,
-            backing=args.backing, backing_format=args.backing_format, cipher=args.cipher,
-            key_bits=key_bits, hash_name=args.hash, iter_time_ms=args.iter_time,
+            backing=args.backing, backing_format=args.backing_format, backing_dirs=args.backing_dir or (),
+            cipher=args.cipher, key_bits=key_bits, hash_name=args.hash, iter_time_ms=args.iter_time,
             allow_aes=args.insecure_legacy_aes)
     elif args.type == "luks1":
         if args.pbkdf not in (None, "pbkdf2") or args.sector_size not in (None, 512) or args.label \
@@ -327,9 +337,14 @@ def open_image(path, mode="rb"):
 
 
 def run_info(args):
+    from ..formats.qcow2.backing import backing_path
+
     path = args.header or args.image
     with open_image(path) as f:
-        info = read_header(f, path).info()
+        header = read_header(f, path)
+    if getattr(header, "backing_file", None):  # a name serve would refuse is refused here too
+        backing_path(path, header.backing_file, args.backing_dir or ())
+    info = header.info()
     if args.json:
         print(json.dumps(info, indent=2))
     else:

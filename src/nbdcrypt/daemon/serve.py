@@ -63,7 +63,8 @@ def main(args):
             backing_passphrases.append(keys.read_passphrase(path))
         return serve(image, passphrase, listener, header=args.header, readonly=args.readonly,
                      settings=settings, control=args.control, metrics=args.metrics, notify=notify,
-                     backing_passphrases=backing_passphrases, key_slot=args.key_slot)
+                     backing_passphrases=backing_passphrases, key_slot=args.key_slot,
+                     backing_dirs=[os.path.abspath(d) for d in args.backing_dir or ()])
     finally:
         for secret in [passphrase, *backing_passphrases]:
             keys.wipe(secret)
@@ -89,22 +90,23 @@ def queueing_settings(args):
     return settings
 
 
-def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key_slot=None):
+def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key_slot=None, backing_dirs=()):
     """Check the image opens as it will be served (exists, writable unless ``readonly``)
     and return ``(header, master_key, payload_size)``; the key (followed by those of
-    encrypted qcow2 backing files: :func:`~nbdcrypt.plugin.export.unlock_all`) is
-    locked in RAM."""
+    encrypted qcow2 backing files, which may lie in ``backing_dirs``:
+    :func:`~nbdcrypt.plugin.export.unlock_all`) is locked in RAM."""
     store = open_store(image, readonly)
     try:
         with header_file(image, header_path, store) as f:
             header = read_header(f, header_path or image)
             size = header.payload_size(store.size())  # a header that does not fit: before any KDF runs
-            return header, unlock_all(header, f, image, passphrase, backing_passphrases, key_slot), size
+            key = unlock_all(header, f, image, passphrase, backing_passphrases, key_slot, backing_dirs)
+            return header, key, size
     finally:
         store.close()
 
 
-def nbdkit_command(image, header, key_fd, listener, readonly, params):
+def nbdkit_command(image, header, key_fd, listener, readonly, params, backing_dirs=()):
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise NbdcryptError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
@@ -117,6 +119,7 @@ def nbdkit_command(image, header, key_fd, listener, readonly, params):
     if readonly:
         cmd.append("readonly=true")
     cmd += [f"{name}={value}" for name, value in params.items()]
+    cmd += [f"backing-dir={d}" for d in backing_dirs]
     return cmd
 
 
@@ -129,13 +132,13 @@ def plugin_environment(listener):
 
 
 def serve(image, passphrase, listener, header=None, readonly=False, settings=None, control=None,
-          notify=Notifier(), log=print, backing_passphrases=(), metrics=None, key_slot=None):
+          notify=Notifier(), log=print, backing_passphrases=(), metrics=None, key_slot=None, backing_dirs=()):
     """Serve ``image`` until SIGTERM/SIGINT/SIGHUP; return nbdkit's exit status.
 
     ``listener`` comes from :func:`choose_listener`; ``settings`` are queueing-layer
     settings; ``control`` is the control socket's path; ``backing_passphrases`` open
     encrypted qcow2 backing files, nearest first; ``metrics`` is where to serve Prometheus metrics;
-    ``key_slot`` is the only LUKS keyslot to try."""
+    ``key_slot`` is the only LUKS keyslot to try; qcow2 backing files may lie in ``backing_dirs``."""
     params = dict(settings or {})
     if control:
         params["control"] = os.path.abspath(control)
@@ -143,7 +146,7 @@ def serve(image, passphrase, listener, header=None, readonly=False, settings=Non
         params["metrics"] = absolute_address(metrics)
     header = os.path.abspath(header) if header else None
     try:
-        hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases, key_slot)
+        hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases, key_slot, backing_dirs)
     finally:
         for secret in [passphrase, *backing_passphrases]:  # done with: nbdkit gets the key
             keys.wipe(secret)
@@ -151,8 +154,8 @@ def serve(image, passphrase, listener, header=None, readonly=False, settings=Non
               f"at {listener.uri}")
     try:
         key_fd = _key_pipe(key)
-        status = trio.run(_supervise, nbdkit_command(image, header, key_fd, listener, readonly, params),
-                          key_fd, listener, _Reporter(banner, notify, log))
+        command = nbdkit_command(image, header, key_fd, listener, readonly, params, backing_dirs)
+        status = trio.run(_supervise, command, key_fd, listener, _Reporter(banner, notify, log))
     finally:
         listener.close()
     if not readonly and not is_uri(image):

@@ -26,11 +26,13 @@ PARAMETERS = {
     "key-file": "file holding the passphrase (when run without the daemon)",
     "backing-key-file": "file holding the passphrase of an encrypted qcow2 backing file (with key-file; "
                         "repeat for each, nearest first)",
+    "backing-dir": "a directory qcow2 backing files may lie in besides the image's own (repeatable)",
     "readonly": "true to open the image read-only",
     "control": "Unix socket for runtime control and statistics (nbdcrypt ctl)",
     "metrics": "Prometheus metrics over HTTP: a Unix socket PATH, a PORT on 127.0.0.1, or HOST:PORT",
     **{f.name: "queueing layer setting (see nbdcrypt.plugin.queueing)" for f in fields(Settings)},
 }
+REPEATABLE = ("backing-key-file", "backing-dir")
 
 
 class Export:
@@ -45,7 +47,7 @@ class Export:
     def config(self, key, value):
         if key not in PARAMETERS:
             raise InputError(f"unknown parameter {key}; known: {', '.join(PARAMETERS)}")
-        if key == "backing-key-file":
+        if key in REPEATABLE:
             self.params.setdefault(key, []).append(value)
         else:
             self.params[key] = value
@@ -66,8 +68,9 @@ class Export:
             header = open_header(f, self.params.get("header", self.params["image"]))
             key, backing_keys = self._master_keys(header, f)
         try:
-            if backing_keys:
-                self.volume = header.open_volume(store, key, backing_keys=backing_keys)
+            if getattr(header, "backing_file", None):
+                self.volume = header.open_volume(store, key, backing_keys=backing_keys,
+                                                 backing_dirs=self._backing_dirs())
             else:
                 self.volume = header.open_volume(store, key)
             self.volume.path.allow_processes(key)  # worker processes get the key from the path
@@ -100,21 +103,26 @@ class Export:
         image = self.params["image"]
         if "key-file" in self.params:
             backing = [_read_file(path) for path in self.params.get("backing-key-file", [])]
-            keys = unlock_all(header, f, image, _read_file(self.params["key-file"]), backing)
-            return split_keys(header, image, keys)
-        key, backing_keys = split_keys(header, image, _read_handover(int(self.params["master-key-fd"])))
+            keys = unlock_all(header, f, image, _read_file(self.params["key-file"]), backing,
+                              backing_dirs=self._backing_dirs())
+            return split_keys(header, image, keys, self._backing_dirs())
+        handover = _read_handover(int(self.params["master-key-fd"]))
+        key, backing_keys = split_keys(header, image, handover, self._backing_dirs())
         header.check_master_key(key)
         return key, backing_keys
 
+    def _backing_dirs(self):
+        return self.params.get("backing-dir", ())
 
-def unlock_all(header, f, image, passphrase, backing_passphrases=(), key_slot=None):
+
+def unlock_all(header, f, image, passphrase, backing_passphrases=(), key_slot=None, backing_dirs=()):
     """The master keys ``image`` needs, as the daemon hands them over: its own (from
     LUKS keyslot ``key_slot`` only, if given), then those of its encrypted qcow2
-    backing files (unlocked first, so a missing backing key fails before the image's
-    key derivation).  One bytearray to wipe."""
+    backing files, which may lie in ``backing_dirs`` (unlocked first, so a missing
+    backing key fails before the image's key derivation).  One bytearray to wipe."""
     if key_slot is not None and not hasattr(header, "unlock_slot"):
         raise InputError(f"{image}: --key-slot is for LUKS images")
-    backing = unlock_backing(header, image, backing_passphrases)
+    backing = unlock_backing(header, image, backing_passphrases, backing_dirs)
     try:
         key = header.unlock(passphrase, f) if key_slot is None else header.unlock(passphrase, f, key_slot)
     except BaseException:
@@ -123,9 +131,9 @@ def unlock_all(header, f, image, passphrase, backing_passphrases=(), key_slot=No
     return joined([key, backing])
 
 
-def split_keys(header, image, keys):
+def split_keys(header, image, keys, backing_dirs=()):
     """(master key, backing keys) from what :func:`unlock_all` returned (which is wiped)."""
-    cut = len(keys) - backing_key_bytes(header, image)
+    cut = len(keys) - backing_key_bytes(header, image, backing_dirs)
     if cut <= 0:
         wipe(keys)
         raise InputError(f"{image}: the master key handover is too short")

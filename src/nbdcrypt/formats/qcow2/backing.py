@@ -1,7 +1,11 @@
 """Backing files, read-only: where unallocated clusters of an image get their data.
 
-A backing file is raw or qcow2 (which may have a backing file of its own).  Its
-name is relative to the directory of the image that names it, as in QEMU.  An
+A backing file is raw or qcow2 (which may have a backing file of its own), as the
+image that names it declares: never probed, so a raw file someone else can write is
+never taken for qcow2 and its backing name never followed (CVE-2008-2004's pattern).
+Its name is relative to the directory of the image that names it, as in QEMU, and
+may not lead outside it (no absolute name, no ``..``, no symlink out) unless it
+resolves inside a directory the operator allows (``--backing-dir``).  An
 encrypted qcow2 backing file (LUKS or legacy AES) needs its own master key: the
 keys of a chain's encrypted files travel as one buffer, in chain order (nearest
 first), each as long as its header says.  Each is unlocked with its own passphrase,
@@ -36,33 +40,53 @@ class Backing:
         view[inside:] = bytes(len(view) - inside)
 
 
-def backing_chain(header, image_path):
-    """[(path, qcow2 header, or None for raw)] below the image at ``image_path``,
+def backing_path(image_path, name, backing_dirs=()):
+    """The real path of the backing file ``name`` of the image at ``image_path``, checked
+    before anything opens it: a relative name without ``..`` may resolve inside the
+    image's directory, any name inside one of ``backing_dirs``."""
+    directory = os.path.dirname(os.path.abspath(image_path))
+    real = os.path.realpath(os.path.join(directory, name))
+    allowed = [os.path.realpath(d) for d in backing_dirs]
+    if not os.path.isabs(name) and ".." not in name.split("/"):
+        allowed.append(os.path.realpath(directory))
+    if not any(os.path.commonpath([real, d]) == d != real for d in allowed):
+        raise InputError(f"{image_path}: backing file {name!r} is outside the image's directory "
+                         f"(allow where it leads with --backing-dir)")
+    return real
+
+
+def backing_chain(header, image_path, backing_dirs=()):
+    """[(real path, qcow2 header, or None for raw)] below the image at ``image_path``,
     nearest first.  ``header`` may be any format's: only qcow2 has backing files."""
-    from nbdcrypt.formats.qcow2.header import Qcow2Header, probe
+    from nbdcrypt.formats.qcow2.header import Qcow2Header
 
     chain, seen, path = [], {os.path.realpath(image_path)}, image_path
     while getattr(header, "backing_file", None):
         if len(chain) == MAX_DEPTH:
             raise InputError(f"{image_path}: backing chain longer than {MAX_DEPTH}")
-        path = os.path.join(os.path.dirname(path), header.backing_file)
-        if os.path.realpath(path) in seen:
-            raise InputError(f"{image_path}: backing chain loops back to {path}")
-        seen.add(os.path.realpath(path))
-        with _open(path) as f:
-            fmt = header.backing_format or probe(f) or "raw"
-            if fmt not in ("raw", "qcow2"):
-                raise UnsupportedError(f"{path}: backing format {fmt} is not supported")
-            header = Qcow2Header.read(f, path) if fmt == "qcow2" else None
-        chain.append((path, header))
+        name, fmt = header.backing_file, header.backing_format
+        if fmt is None:  # QEMU would probe the file; an old image, fixed by recording it
+            raise InputError(f"{path}: no backing format for backing file {name!r}; record it with "
+                             f"`qemu-img rebase -u -b NAME -F raw|qcow2`")
+        if fmt not in ("raw", "qcow2"):
+            raise UnsupportedError(f"{path}: backing format {fmt} is not supported")
+        real = backing_path(path, name, backing_dirs)
+        if real in seen:
+            raise InputError(f"{image_path}: backing chain loops back to {real}")
+        seen.add(real)
+        path = os.path.join(os.path.dirname(path), name)  # deeper names are relative to this, as in QEMU
+        with _open(real) as f:
+            header = Qcow2Header.read(f, real) if fmt == "qcow2" else None
+        chain.append((real, header))
     return chain
 
 
-def unlock_backing(header, image_path, passphrases):
+def unlock_backing(header, image_path, passphrases, backing_dirs=()):
     """The master keys of the chain's encrypted files, the k-th unlocked with
     ``passphrases[k]`` (or the last one, past the end); one Secret to wipe, empty
     if none is encrypted."""
-    encrypted = [(path, b) for path, b in backing_chain(header, image_path) if b and b.encryption]
+    encrypted = [(path, b) for path, b in backing_chain(header, image_path, backing_dirs)
+                 if b and b.encryption]
     if passphrases and not encrypted:
         raise InputError(f"{image_path}: a backing key was given, but no backing file is encrypted")
     if len(passphrases) > len(encrypted):
@@ -77,15 +101,15 @@ def unlock_backing(header, image_path, passphrases):
     return joined(keys)
 
 
-def backing_key_bytes(header, image_path):
+def backing_key_bytes(header, image_path, backing_dirs=()):
     """How long the buffer of :func:`unlock_backing` is."""
-    return sum(b.key_bytes for _, b in backing_chain(header, image_path) if b and b.encryption)
+    return sum(b.key_bytes for _, b in backing_chain(header, image_path, backing_dirs) if b and b.encryption)
 
 
-def open_backing(header, image_path, keys=b""):
+def open_backing(header, image_path, keys=b"", backing_dirs=()):
     """The backing file of the image at ``image_path``, its chain opened read-only;
     ``keys`` as :func:`unlock_backing` returns them."""
-    chain = backing_chain(header, image_path)
+    chain = backing_chain(header, image_path, backing_dirs)
     keys = memoryview(keys)
     keyed = []
     for path, backing in chain:

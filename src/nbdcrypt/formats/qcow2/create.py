@@ -13,9 +13,10 @@ import numpy as np
 from nbdcrypt.errors import InputError
 from nbdcrypt.formats.luks1 import format_luks1
 from nbdcrypt.formats.luks_common import create_file
+from nbdcrypt.formats.qcow2.backing import backing_path
 from nbdcrypt.formats.qcow2.header import (
     CRYPT_AES, CRYPT_LUKS, CRYPTO_EXT_FIELDS, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_END, EXT_FIELDS,
-    MAGIC, V2_FIELDS, V3_FIELDS, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Qcow2Header, probe)
+    MAGIC, V2_FIELDS, V3_FIELDS, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Qcow2Header)
 
 AES_WARNING = ("legacy qcow2 AES encryption is deprecated by QEMU and weak: the passphrase "
                "is the key, with no key derivation and predictable IVs")
@@ -25,9 +26,11 @@ V3_HEADER_LENGTH = 112  # the v3 fields, the compression type byte and padding, 
 
 def create(path, size, passphrase, encrypt="luks", cluster_size=65536, compat="1.1", backing=None,
            backing_format=None, cipher="aes-xts-plain64", key_bits=512, hash_name="sha256",
-           iter_time_ms=2000, allow_aes=False):
+           iter_time_ms=2000, allow_aes=False, backing_dirs=()):
     """Create an encrypted qcow2 image of ``size`` virtual bytes at ``path``; returns its
     header.  ``encrypt="aes"`` needs ``allow_aes=True`` (callers should show AES_WARNING).
+    A ``backing`` file needs its ``backing_format`` (never probed, as in qemu-img 7.2) and
+    may lead out of the image's directory only into ``backing_dirs``, as serve allows.
 
     Arguments are checked before anything is created, and the file appears whole or
     not at all (:func:`~nbdcrypt.formats.luks_common.create_file`).
@@ -49,7 +52,9 @@ def create(path, size, passphrase, encrypt="luks", cluster_size=65536, compat="1
     if path.exists():
         raise InputError(f"{path}: already exists")
     if backing is not None:
-        backing_format = backing_format or _probe_backing(path.parent / backing)
+        if backing_format not in ("raw", "qcow2"):
+            raise InputError("a backing file needs its format: --backing-format raw or qcow2")
+        backing_path(path, backing, backing_dirs)
 
     luks = b""
     if encrypt == "luks":
@@ -70,14 +75,6 @@ def _luks_header(directory, passphrase, cipher, key_bits, hash_name, iter_time_m
         format_luks1(luks_path, 0, passphrase, cipher=cipher, key_bits=key_bits,
                      hash_name=hash_name, iter_time_ms=iter_time_ms)
         return luks_path.read_bytes()
-
-
-def _probe_backing(path):
-    try:
-        with open(path, "rb") as f:
-            return probe(f) or "raw"
-    except OSError as e:
-        raise InputError(f"{path}: {e.strerror}") from None
 
 
 def _layout(size, cluster_bits, version, crypt_method, luks, backing, backing_format):
