@@ -1,0 +1,34 @@
+"""The native AES sector kernel (crypto/_sector.c: OpenSSL's libcrypto, IVs in C, the
+GIL released for a whole request), built when the package is installed.
+
+SectorCipher runs AES specs in it, and the numpy engine runs the other ciphers, and
+AES too where the kernel is missing or ``NBDCRYPT_ENGINE=numpy`` (read once, at
+import) forces it; the numpy engine is also the reference the kernel is tested against.
+"""
+
+import os
+
+from nbdcrypt.errors import UnsupportedError
+
+try:
+    from nbdcrypt.crypto._sector import Kernel
+except ImportError:
+    Kernel = None
+
+ENGINES = ("native", "numpy")
+# Which engine runs AES specs unless a SectorCipher is told otherwise.
+ENGINE = "native" if Kernel is not None and os.environ.get("NBDCRYPT_ENGINE") != "numpy" else "numpy"
+_MASK64 = (1 << 64) - 1
+
+
+def kernel(spec, key, sector_size, iv_step, iv_tweak, engine):
+    """A Kernel that runs ``spec`` (its ``encrypt``/``decrypt`` take a buffer and the
+    first sector's number), or None where the numpy engine runs it."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
+    if engine == "numpy" or spec.cipher != "aes":
+        return None
+    if Kernel is None:
+        raise UnsupportedError("the native sector kernel is not built: reinstall nbdcrypt with a C compiler")
+    # dm-crypt's IV sectors count modulo 2^64, the tweak included.
+    return Kernel(spec.mode, spec.iv, key, spec.iv_hash, sector_size, iv_step, iv_tweak & _MASK64)
