@@ -1,4 +1,5 @@
-"""The sector-cipher engine against a per-sector reference and known answers."""
+"""The sector-cipher engine against a per-sector reference and known answers, every test
+under both engines (the native kernel runs AES specs, numpy the rest)."""
 
 import hashlib
 import json
@@ -10,12 +11,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nbdcrypt.crypto import native
 from nbdcrypt.crypto.engine import CHUNK, SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import InputError
 from tests import reference_cipher
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
+
+
+@pytest.fixture(autouse=True, scope="module", params=[
+    pytest.param("native", marks=pytest.mark.skipif(native.Kernel is None, reason="native kernel not built")),
+    "numpy"])
+def engine(request):
+    """The engine SectorCipher runs AES in by default (module-scoped: hypothesis
+    refuses function-scoped fixtures)."""
+    default, native.ENGINE = native.ENGINE, request.param
+    yield request.param
+    native.ENGINE = default
+
+
+def test_aes_runs_in_the_engine_under_test(engine):
+    assert SectorCipher(CipherSpec.parse("aes-xts-plain64"), bytes(range(64))).engine == engine
 
 SPECS = [
     "aes-xts-plain64", "aes-xts-plain", "aes-xts-plain64be", "aes-xts-essiv:sha256",
@@ -133,7 +150,7 @@ def test_threads_share_xts_scratch_safely():
 def test_short_lived_threads_reuse_contexts():
     """nbdkit's Python plugin runs every request in a new Python thread state: the
     cipher contexts and scratch buffers must outlive it, not be made per request."""
-    cipher = SectorCipher(CipherSpec.parse("aes-xts-plain64"), bytes(range(64)))
+    cipher = SectorCipher(CipherSpec.parse("aes-xts-plain64"), bytes(range(64)), engine="numpy")
     for _ in range(10):
         t = threading.Thread(target=cipher.encrypt, args=(bytearray(4096), 0))
         t.start()
