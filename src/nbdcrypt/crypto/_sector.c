@@ -1,15 +1,15 @@
 /* The native sector kernel: one whole request of AES sectors through OpenSSL's
  * libcrypto, IVs computed here, the GIL released for the whole request.
  *
- * Every mode is built from AES-ECB calls over many blocks at once (ECB is
- * OpenSSL's fastest AES: no chaining, 8 blocks in flight), with the per-sector
+ * Every mode is built from OpenSSL calls over many blocks at once, mostly AES-ECB
+ * (OpenSSL's fastest AES: no chaining, 8 blocks in flight), with the per-sector
  * structure done here in C on pieces of a request small enough to stay in cache:
  *
  * - XTS: each block j of sector s is E_K1(x ^ T_s*a^j) ^ T_s*a^j with T_s the
  *   sector's tweak E_K2(iv_s); the tweaks of a piece take one ECB call, the masks
  *   one GF(2^128) doubling per block.
- * - CBC decryption: one ECB call per piece, then XOR each block with the
- *   ciphertext block before it, or its sector's IV.
+ * - CBC decryption: one CBC call per piece, then re-chain each sector's first
+ *   block to its own IV.
  * - CBC encryption is serial within a sector, so a group of sectors runs side by
  *   side: step j encrypts block j of each of them in one ECB call.
  * - CTR: the counter blocks of a piece in one ECB call, XORed in.
@@ -60,8 +60,9 @@
 enum { XTS, CBC, ECB, CTR };
 enum { IV_NONE, IV_PLAIN, IV_PLAIN64, IV_PLAIN64BE, IV_BENBI, IV_ESSIV, IV_NULL };
 /* AES-ECB under the data key (XTS: K1) both ways, under XTS's tweak key K2 and
- * the ESSIV key; AES-CBC and AES-XTS for the cases that run one call per sector. */
-enum { DATA_ENC, DATA_DEC, TWEAK, ESSIV, CBC_ENC, XTS_ENC, XTS_DEC, CONTEXTS };
+ * the ESSIV key; AES-CBC for decryption and short encryptions, AES-XTS for the
+ * sectors that run one call each. */
+enum { DATA_ENC, DATA_DEC, TWEAK, ESSIV, CBC_ENC, CBC_DEC, XTS_ENC, XTS_DEC, CONTEXTS };
 
 typedef struct State {
     EVP_CIPHER_CTX *ctx[CONTEXTS];
@@ -246,17 +247,20 @@ static int ctr_piece(Kernel *k, State *st, unsigned char *data, size_t n, unsign
 
 static int cbc_decrypt_piece(Kernel *k, State *st, unsigned char *data, size_t n, unsigned char *ivs, int enc)
 {
-    size_t per_sector = k->sector_size / BLOCK;
-    unsigned char *plain = st->scratch;
+    EVP_CIPHER_CTX *ctx = st->ctx[CBC_DEC];
+    size_t size = k->sector_size;
+    unsigned char *last = st->scratch; /* each sector's last ciphertext block */
+    int done;
     (void)enc;
-    if (!ecb(st->ctx[DATA_DEC], plain, data, n * k->sector_size))
+    for (size_t s = 0; s < n; s++)
+        memcpy(last + s * BLOCK, data + (s + 1) * size - BLOCK, BLOCK);
+    /* One CBC pass (OpenSSL decrypts 8 blocks at a time) chains each sector's
+     * first block to the sector before it: re-chain it to its own IV. */
+    if (!EVP_CipherInit_ex(ctx, NULL, NULL, NULL, ivs, 0) || !EVP_CipherUpdate(ctx, data, &done, data, (int)(n * size)))
         return 0;
-    /* backwards, so the ciphertext block before each is still there */
-    for (size_t b = n * per_sector; b-- > 0;) {
-        const unsigned char *previous = b % per_sector ? data + (b - 1) * BLOCK : ivs + b / per_sector * BLOCK;
-        unsigned char *out = data + b * BLOCK;
-        memcpy(out, plain + b * BLOCK, BLOCK);
-        xor_block(out, previous);
+    for (size_t s = 1; s < n; s++) {
+        xor_block(data + s * size, last + (s - 1) * BLOCK);
+        xor_block(data + s * size, ivs + s * BLOCK);
     }
     return 1;
 }
@@ -493,7 +497,7 @@ static PyObject *Kernel_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         k->keyed[DATA_ENC] = keyed(aes("ecb", data_len), bytes, 1);
         ok = k->keyed[DATA_ENC] != NULL;
     }
-    if (ok && k->mode != CTR)
+    if (ok && (k->mode == XTS || k->mode == ECB))
         ok = (k->keyed[DATA_DEC] = keyed(aes("ecb", data_len), bytes, 0)) != NULL;
     if (ok && k->mode == XTS)
         ok = (k->keyed[TWEAK] = keyed(aes("ecb", data_len), bytes + data_len, 1)) != NULL;
@@ -502,7 +506,8 @@ static PyObject *Kernel_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         ok = (k->keyed[XTS_ENC] = keyed(xts, bytes, 1)) && (k->keyed[XTS_DEC] = keyed(xts, bytes, 0));
     }
     if (ok && k->mode == CBC)
-        ok = (k->keyed[CBC_ENC] = keyed(aes("cbc", data_len), bytes, 1)) != NULL;
+        ok = (k->keyed[CBC_ENC] = keyed(aes("cbc", data_len), bytes, 1))
+            && (k->keyed[CBC_DEC] = keyed(aes("cbc", data_len), bytes, 0));
     if (ok && k->iv == IV_ESSIV) {
         /* ESSIV: the IV sector encrypted under a hash of the whole key */
         unsigned char digest[EVP_MAX_MD_SIZE];
