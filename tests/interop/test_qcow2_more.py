@@ -266,7 +266,7 @@ def test_encrypted_backing_file_with_its_own_key(tmp_path, key_file, nbd_handle,
     run(["qemu-img", "convert", "-O", "raw"] + chain_opts(image, key_file, base_key) + [str(expected)])
     model = bytearray(expected.read_bytes())
     config = tmp_path / "serve.toml"
-    config.write_text(f'backing-key-file = "{base_key}"\n')  # the config key, as the option
+    config.write_text(f'backing-key-file = "{base_key}"\ninsecure-legacy-aes = true\n')  # config keys, as the options
     with serving(image, key_file, "--config", str(config)) as uri:
         h = nbd_handle(uri)
         assert h.pread(len(model), 0) == model
@@ -317,8 +317,9 @@ def test_each_encrypted_backing_file_with_its_own_key(tmp_path, key_file, nbd_ha
 
 
 def serve_error(image, key_file, tmp_path, *extra):
+    """serve's one-line error; legacy AES images are allowed read-write, to reach the key checks."""
     result = run(nbdcrypt_cmd() + ["serve", str(image), "--key-file", str(key_file), "--socket",
-                                   str(tmp_path / "err.sock"), *extra], check=False)
+                                   str(tmp_path / "err.sock"), "--insecure-legacy-aes", *extra], check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     return lines[0]

@@ -93,6 +93,9 @@ def build_parser():
     where.add_argument("--port", metavar="N", type=int, help="listen on TCP port N instead of a Unix socket")
     serve.add_argument("--bind", metavar="ADDR", help="address to listen on with --port (default: 127.0.0.1)")
     serve.add_argument("--readonly", action="store_true", help="export read-only; the image is never written")
+    serve.add_argument("--insecure-legacy-aes", action="store_true",
+                       help="serve a legacy AES qcow2 image read-write (it has no key check: a mistyped "
+                            "passphrase writes under the wrong key)")
     add_queueing_options(serve)
     config.add_options(serve)
     serve.set_defaults(run=run_serve)

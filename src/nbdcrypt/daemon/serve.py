@@ -24,6 +24,7 @@ import trio
 
 from .. import plugin
 from ..errors import InputError, NbdcryptError
+from ..formats.qcow2 import Qcow2Header
 from ..plugin.export import header_file, unlock_all
 from ..plugin.control_server import remove_stale_socket
 from ..plugin.metrics import absolute_address, parse_address
@@ -64,7 +65,8 @@ def main(args):
         return serve(image, passphrase, listener, header=args.header, readonly=args.readonly,
                      settings=settings, control=args.control, metrics=args.metrics, notify=notify,
                      backing_passphrases=backing_passphrases, key_slot=args.key_slot,
-                     backing_dirs=[os.path.abspath(d) for d in args.backing_dir or ()])
+                     backing_dirs=[os.path.abspath(d) for d in args.backing_dir or ()],
+                     insecure_legacy_aes=args.insecure_legacy_aes)
     finally:
         for secret in [passphrase, *backing_passphrases]:
             keys.wipe(secret)
@@ -90,9 +92,11 @@ def queueing_settings(args):
     return settings
 
 
-def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key_slot=None, backing_dirs=()):
-    """Check the image opens as it will be served (exists, writable unless ``readonly``)
-    and return ``(header, master_key, payload_size)``; the key (followed by those of
+def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key_slot=None, backing_dirs=(),
+           insecure_legacy_aes=False):
+    """Check the image opens as it will be served (exists, writable unless ``readonly``,
+    legacy AES only with ``insecure_legacy_aes`` or ``readonly``) and return
+    ``(header, master_key, payload_size)``; the key (followed by those of
     encrypted qcow2 backing files, which may lie in ``backing_dirs``:
     :func:`~nbdcrypt.plugin.export.unlock_all`) is locked in RAM."""
     store = open_store(image, readonly)
@@ -100,10 +104,25 @@ def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key
         with header_file(image, header_path, store) as f:
             header = read_header(f, header_path or image)
             size = header.payload_size(store.size())  # a header that does not fit: before any KDF runs
+            warning = legacy_aes_warning(header, image, readonly, insecure_legacy_aes)
             key = unlock_all(header, f, image, passphrase, backing_passphrases, key_slot, backing_dirs)
+            if warning:
+                print(f"nbdcrypt: warning: {warning}", file=sys.stderr, flush=True)
             return header, key, size
     finally:
         store.close()
+
+
+def legacy_aes_warning(header, image, readonly, insecure_legacy_aes):
+    """What to warn of when ``image`` is legacy qcow2 AES (None otherwise), which takes any
+    passphrase as its key: served read-write only when told to."""
+    if not isinstance(header, Qcow2Header) or header.encryption != "aes":
+        return None
+    if not readonly and not insecure_legacy_aes:
+        raise InputError(f"{image}: legacy qcow2 AES has no key check, so a mistyped passphrase would write "
+                         f"under the wrong key: serve it --readonly, or give --insecure-legacy-aes")
+    return (f"{image}: legacy qcow2 AES has no key check: a wrong passphrase reads garbage"
+            f"{'' if readonly else ' and writes under the wrong key'}")
 
 
 def nbdkit_command(image, header, key_fd, listener, readonly, params, backing_dirs=()):
@@ -132,13 +151,15 @@ def plugin_environment(listener):
 
 
 def serve(image, passphrase, listener, header=None, readonly=False, settings=None, control=None,
-          notify=Notifier(), log=print, backing_passphrases=(), metrics=None, key_slot=None, backing_dirs=()):
+          notify=Notifier(), log=print, backing_passphrases=(), metrics=None, key_slot=None, backing_dirs=(),
+          insecure_legacy_aes=False):
     """Serve ``image`` until SIGTERM/SIGINT/SIGHUP; return nbdkit's exit status.
 
     ``listener`` comes from :func:`choose_listener`; ``settings`` are queueing-layer
     settings; ``control`` is the control socket's path; ``backing_passphrases`` open
     encrypted qcow2 backing files, nearest first; ``metrics`` is where to serve Prometheus metrics;
-    ``key_slot`` is the only LUKS keyslot to try; qcow2 backing files may lie in ``backing_dirs``."""
+    ``key_slot`` is the only LUKS keyslot to try; qcow2 backing files may lie in ``backing_dirs``;
+    ``insecure_legacy_aes`` lets a legacy AES qcow2 image be served read-write."""
     params = dict(settings or {})
     if control:
         params["control"] = os.path.abspath(control)
@@ -146,7 +167,8 @@ def serve(image, passphrase, listener, header=None, readonly=False, settings=Non
         params["metrics"] = absolute_address(metrics)
     header = os.path.abspath(header) if header else None
     try:
-        hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases, key_slot, backing_dirs)
+        hdr, key, size = unlock(image, header, passphrase, readonly, backing_passphrases, key_slot, backing_dirs,
+                                insecure_legacy_aes)
     finally:
         for secret in [passphrase, *backing_passphrases]:  # done with: nbdkit gets the key
             keys.wipe(secret)
