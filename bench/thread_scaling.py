@@ -3,7 +3,7 @@ the default (docs/queueing.md).  Usage: python -m bench.thread_scaling [--fio]
 
 1. The engine alone: the same cipher encrypting on 1..N threads (does it scale
    with the GIL?).
-2. The two worker pools of :mod:`nbdcrypt.plugin.workers`, CPUs workers each, fed
+2. The two worker pools of :mod:`nbdcrypt.datapath.workers`, CPUs workers each, fed
    by 4 submitting threads as nbdkit's request threads feed them: MB/s of crypto
    through threads vs processes (copies into shared memory and hand-offs included).
 3. With ``--fio``: fio (nbd engine, QD8) against ``nbdcrypt serve --worker-type
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
-from nbdcrypt.plugin.stats import Timing
-from nbdcrypt.plugin.workers import CipherRecipe, ProcessWorkers, ThreadWorkers
+from nbdcrypt.datapath.stats import Timing
+from nbdcrypt.datapath.workers import CipherRecipe, ProcessWorkers, ThreadWorkers
 
 SIZES = (4 << 10, 64 << 10, 1 << 20)
 SUBMITTERS = 4

@@ -17,7 +17,7 @@ import pytest
 
 from nbdcrypt.daemon.ctl import request
 from nbdcrypt.formats import open_header
-from nbdcrypt.plugin.workers import SLOT
+from nbdcrypt.datapath.workers import SLOT
 from tests.conftest import PASSPHRASE, nbdcrypt_luks1, serving
 from tests.tools import require, run
 

@@ -20,7 +20,7 @@ from nbdcrypt.errors import NbdcryptError
 from nbdcrypt.formats import open_header
 from nbdcrypt.formats.luks1 import format_luks1
 from nbdcrypt.formats.luks2 import format_luks2
-from nbdcrypt.plugin.store import FileStore
+from nbdcrypt.storage.store import FileStore
 from tests.tools import LUKS2_BINARY_SIZE, luks2_with_json, require, run
 
 EXAMPLES = int(os.environ.get("NBDCRYPT_FUZZ_EXAMPLES", "1500"))

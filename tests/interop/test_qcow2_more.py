@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from nbdcrypt.formats.qcow2 import Qcow2Header, refcounts, tables
-from nbdcrypt.plugin.store import FileStore
+from nbdcrypt.formats.qcow2 import Qcow2Image, refcounts, tables
+from nbdcrypt.storage.store import FileStore
 from tests.conftest import PASSPHRASE, serving
 from tests.interop.test_qcow2_qemu import (
     MiB, assert_reads_back, close_volumes, image_opts, open_volume, qemu_check, qemu_create, qemu_io,
@@ -174,7 +174,7 @@ def test_no_moment_of_a_discard_has_a_referenced_cluster_freed(tmp_path, key_fil
     qemu_io(image, key_file, "write -P 0x42 512k 128k")  # the first L2 table is unshared now
     before = image.read_bytes()
     with open(image, "rb") as f:
-        header = Qcow2Header.read(f, str(image))
+        header = Qcow2Image.read(f, str(image))
     store = RecordingStore(FileStore(image))
     with header.open_volume(store, header.unlock(PASSPHRASE, None)) as volume:
         volume.trim(500 << 10, 100 << 10)  # shared and unshared data clusters

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from nbdcrypt.formats.qcow2 import Qcow2Header, create
-from nbdcrypt.plugin.store import FileStore
+from nbdcrypt.formats.qcow2 import Qcow2Image, create
+from nbdcrypt.storage.store import FileStore
 from tests.conftest import PASSPHRASE, qemu_img_create
 from tests.tools import require, run
 
@@ -88,7 +88,7 @@ def release_volumes():
 def open_volume(image, readonly=False):
     release_volumes()  # one open volume at a time, as one server at a time
     with open(image, "rb") as f:
-        header = Qcow2Header.read(f, str(image))
+        header = Qcow2Image.read(f, str(image))
         key = header.unlock(PASSPHRASE, f) if header.encryption else None
     volume = header.open_volume(FileStore(image, readonly=readonly), key)
     OPEN_VOLUMES.append(volume)

@@ -12,7 +12,7 @@ from nbdcrypt.formats import luks1, luks_common, open_header
 from nbdcrypt.formats.luks2 import Luks2Header, binary, format_luks2
 from nbdcrypt.formats.luks2 import format as luks2_format
 from nbdcrypt.formats.luks2.header import pack_json
-from nbdcrypt.plugin.store import FileStore
+from nbdcrypt.storage.store import FileStore
 from tests.conftest import serving
 from tests.tools import nbdcrypt, run
 

@@ -5,10 +5,10 @@ import struct
 import pytest
 
 from nbdcrypt.errors import BadPassphraseError, FormatError, InputError, UnsupportedError
-from nbdcrypt.formats.qcow2 import Qcow2Header, create, probe
+from nbdcrypt.formats.qcow2 import Qcow2Image, create, probe
 from nbdcrypt.formats.qcow2.header import aes_key
 from nbdcrypt.formats.qcow2.tables import COMPRESSED, COPIED
-from nbdcrypt.plugin.store import FileStore
+from nbdcrypt.storage.store import FileStore
 
 PASSPHRASE = b"correct horse battery staple"
 MiB = 1 << 20
@@ -30,7 +30,7 @@ def patch(path, offset, fmt, *values):
 
 def read_header(path):
     with open(path, "rb") as f:
-        return Qcow2Header.read(f, str(path))
+        return Qcow2Image.read(f, str(path))
 
 
 def open_volume(path, readonly=False):

@@ -10,8 +10,8 @@ import struct
 import pytest
 
 from nbdcrypt.errors import FormatError
-from nbdcrypt.formats.qcow2 import Qcow2Header
-from nbdcrypt.plugin.store import FileStore
+from nbdcrypt.formats.qcow2 import Qcow2Image
+from nbdcrypt.storage.store import FileStore
 from tests.conftest import PASSPHRASE, qemu_img_create, sha256_file
 from tests.interop.test_qcow2_qemu import (
     OPEN_VOLUMES, close_volumes, image_opts, open_volume, qemu_check, qemu_create, qemu_io, release_volumes)
@@ -101,7 +101,7 @@ class RecordingStore(FileStore):
 def open_recorded(image):
     release_volumes()
     with open(image, "rb") as f:
-        header = Qcow2Header.read(f, str(image))
+        header = Qcow2Image.read(f, str(image))
         key = header.unlock(PASSPHRASE, f)
     store = RecordingStore(image)
     OPEN_VOLUMES.append(header.open_volume(store, key))

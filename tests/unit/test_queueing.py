@@ -13,12 +13,12 @@ from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import InputError
 from nbdcrypt.plugin.metrics import render
-from nbdcrypt.plugin.queueing import Settings
-from nbdcrypt.plugin.stats import BUCKETS_US, Timing
-from nbdcrypt.plugin.store import FileStore
-from nbdcrypt.plugin.throttle import Throttle
-from nbdcrypt.plugin.volume import Volume
-from nbdcrypt.plugin.workers import SLOT, CipherRecipe, ProcessWorkers
+from nbdcrypt.datapath.queueing import Settings
+from nbdcrypt.datapath.stats import BUCKETS_US, Timing
+from nbdcrypt.storage.store import FileStore
+from nbdcrypt.datapath.throttle import Throttle
+from nbdcrypt.datapath.volume import Volume
+from nbdcrypt.datapath.workers import SLOT, CipherRecipe, ProcessWorkers
 
 FLAGS = ("no_read_workqueue", "no_write_workqueue", "same_cpu_crypt", "submit_from_crypt_cpus")
 SIZE = 1 << 20

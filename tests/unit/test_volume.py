@@ -9,9 +9,9 @@ import pytest
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import InputError, ReadOnlyError
-from nbdcrypt.plugin.store import FileStore
-from nbdcrypt.plugin import volume as volume_module
-from nbdcrypt.plugin.volume import RangeLock, Volume
+from nbdcrypt.storage.store import FileStore
+from nbdcrypt.datapath import volume as volume_module
+from nbdcrypt.datapath.volume import RangeLock, Volume
 
 OFFSET = 4096
 SIZE = 256 << 10

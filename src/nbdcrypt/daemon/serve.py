@@ -28,8 +28,8 @@ from ..formats.qcow2 import Qcow2Header
 from ..plugin.export import header_file, unlock_all
 from ..plugin.control_server import remove_stale_socket
 from ..plugin.metrics import absolute_address, parse_address
-from ..plugin.queueing import Settings
-from ..plugin.store import is_uri, open_store
+from ..datapath.queueing import Settings
+from ..storage.store import is_uri, open_store
 from . import config, ctl, keys
 from .headers import read_header
 from .listener import choose_listener

@@ -10,7 +10,7 @@ from nbdcrypt.errors import FormatError, UnsupportedError
 from nbdcrypt.formats import luks1, qcow2
 from nbdcrypt.formats.luks2 import Luks2Header, binary
 
-_READERS = {"luks1": luks1.Luks1Header.read, "luks2": Luks2Header.read, "qcow2": qcow2.Qcow2Header.read}
+_READERS = {"luks1": luks1.Luks1Header.read, "luks2": Luks2Header.read, "qcow2": qcow2.Qcow2Image.read}
 _LUKS_VERSIONS = {1: "luks1", 2: "luks2"}
 
 

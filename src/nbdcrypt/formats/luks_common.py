@@ -19,7 +19,7 @@ from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.kdf import Kdf, hash_factory
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import BadPassphraseError, FormatError, InputError
-from nbdcrypt.plugin.volume import Volume
+from nbdcrypt.datapath.volume import Volume
 
 STRIPES = 4000
 SECTOR = 512

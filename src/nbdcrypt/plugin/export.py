@@ -15,8 +15,8 @@ from ..formats import open_header
 from ..formats.qcow2.backing import backing_key_bytes, unlock_backing
 from .control_server import ControlServer
 from .metrics import MetricsServer
-from .queueing import Settings
-from .store import StoreFile, is_uri, open_store
+from ..datapath.queueing import Settings
+from ..storage.store import StoreFile, is_uri, open_store
 
 PARAMETERS = {
     "image": "the encrypted image file (required)",
@@ -30,7 +30,7 @@ PARAMETERS = {
     "readonly": "true to open the image read-only",
     "control": "Unix socket for runtime control and statistics (nbdcrypt ctl)",
     "metrics": "Prometheus metrics over HTTP: a Unix socket PATH, a PORT on 127.0.0.1, or HOST:PORT",
-    **{f.name: "queueing layer setting (see nbdcrypt.plugin.queueing)" for f in fields(Settings)},
+    **{f.name: "queueing layer setting (see nbdcrypt.datapath.queueing)" for f in fields(Settings)},
 }
 REPEATABLE = ("backing-key-file", "backing-dir")
 

@@ -28,7 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import InputError
 from .control_server import bind_private, peer_allowed
-from .stats import BUCKETS_US
+from ..datapath.stats import BUCKETS_US
 
 DIRECTIONS = ("read", "write")
 MAX_CONNECTIONS = 8  # a scraper or two, and an operator with curl

@@ -17,7 +17,7 @@ import os
 
 from nbdcrypt.crypto.secrets import joined
 from nbdcrypt.errors import InputError, UnsupportedError
-from nbdcrypt.plugin.store import FileStore
+from nbdcrypt.formats.qcow2.header import Qcow2Header
 
 MAX_DEPTH = 16
 MISSING_KEY = "the backing file is encrypted: give its passphrase (--backing-key-file)"
@@ -58,8 +58,6 @@ def backing_path(image_path, name, backing_dirs=()):
 def backing_chain(header, image_path, backing_dirs=()):
     """[(real path, qcow2 header, or None for raw)] below the image at ``image_path``,
     nearest first.  ``header`` may be any format's: only qcow2 has backing files."""
-    from nbdcrypt.formats.qcow2.header import Qcow2Header
-
     chain, seen, path = [], {os.path.realpath(image_path)}, image_path
     while getattr(header, "backing_file", None):
         if len(chain) == MAX_DEPTH:
@@ -104,46 +102,6 @@ def unlock_backing(header, image_path, passphrases, backing_dirs=()):
 def backing_key_bytes(header, image_path, backing_dirs=()):
     """How long the buffer of :func:`unlock_backing` is."""
     return sum(b.key_bytes for _, b in backing_chain(header, image_path, backing_dirs) if b and b.encryption)
-
-
-def open_backing(header, image_path, keys=b"", backing_dirs=()):
-    """The backing file of the image at ``image_path``, its chain opened read-only;
-    ``keys`` as :func:`unlock_backing` returns them."""
-    chain = backing_chain(header, image_path, backing_dirs)
-    keys = memoryview(keys)
-    keyed = []
-    for path, backing in chain:
-        need = backing.key_bytes if backing else 0
-        if len(keys) < need:
-            raise InputError(f"{path}: {MISSING_KEY}")
-        keyed.append((path, backing, keys[:need]))
-        keys = keys[need:]
-    if len(keys):
-        raise InputError(f"{image_path}: {len(keys)} bytes of backing keys left over")
-    parent = None
-    try:
-        for path, backing, key in reversed(keyed):
-            parent = _open_one(path, backing, key, parent)
-    except BaseException:
-        if parent is not None:
-            parent.close()
-        raise
-    return parent
-
-
-def _open_one(path, header, key, parent):
-    """One file of the chain, on top of ``parent`` (its own backing file)."""
-    store = FileStore(path, readonly=True)
-    if header is None:
-        return Backing(store.read_into, store.size(), store.close)
-    try:
-        if header.encryption:
-            header.check_master_key(key)
-        volume = header.open_volume(store, key, parent)
-    except BaseException:
-        store.close()
-        raise
-    return Backing(volume.read, volume.size, volume.close)
 
 
 def _open(path):

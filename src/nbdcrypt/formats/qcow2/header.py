@@ -290,18 +290,6 @@ class Qcow2Header:
             return None
         return SectorCipher(self.cipher_spec, key, sector_size=SECTOR_SIZE)
 
-    def open_volume(self, store, key=None, backing=None, backing_keys=b"", backing_dirs=()):
-        """The plaintext block device; ``backing`` overrides the backing file named in
-        the header (an object with ``size`` and ``read(buf, offset)``), whose
-        encrypted files open with ``backing_keys`` and which may lie in ``backing_dirs``
-        (see :func:`.backing.open_backing`)."""
-        from nbdcrypt.formats.qcow2.backing import open_backing
-        from nbdcrypt.formats.qcow2.volume import Qcow2Volume
-
-        if backing is None and self.backing_file:
-            backing = open_backing(self, store.path, backing_keys, backing_dirs)
-        return Qcow2Volume(self, store, self.cipher(key), backing)
-
     def payload_size(self, data_size):
         """The virtual size (the file size says nothing about it)."""
         return self.size

@@ -35,8 +35,8 @@ from nbdcrypt.formats.qcow2.metadata import Metadata
 from nbdcrypt.formats.qcow2.refcounts import Refcounts
 from nbdcrypt.formats.qcow2.tables import (
     COMPRESSED_DATA, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN, Mapping, Tables)
-from nbdcrypt.plugin.queueing import CryptPath
-from nbdcrypt.plugin.volume import RangeLock
+from nbdcrypt.datapath.queueing import CryptPath
+from nbdcrypt.datapath.volume import RangeLock
 
 EXTENT_HOLE, EXTENT_ZERO = 1, 2
 ZERO_CHUNK = 4 << 20

@@ -2,11 +2,11 @@
 
 A pool encrypts or decrypts one request's buffer in place, then makes a follow-up
 call (the write, with submit_from_crypt_cpus), for
-:class:`nbdcrypt.plugin.queueing.CryptPath`, which waits for both.  Threads share
+:class:`nbdcrypt.datapath.queueing.CryptPath`, which waits for both.  Threads share
 the volume's cipher: the engine spends large requests inside OpenSSL and numpy
 with the GIL released (docs/queueing.md has the measurements).
 
-Worker processes (``worker_type=process``) run ``python3 -m nbdcrypt.plugin.workers``
+Worker processes (``worker_type=process``) run ``python3 -m nbdcrypt.datapath.workers``
 with two inherited descriptors: one end of a SOCK_SEQPACKET socket pair, and a memfd
 that both sides map, the *slot*, which holds the request's data, so no data is
 pickled or sent through the socket.  The cipher's parameters and key arrive as the
@@ -41,7 +41,7 @@ from ..crypto.engine import SectorCipher
 from ..crypto.spec import CipherSpec
 from ..errors import NbdcryptError, StoreError, UnsupportedError
 
-MODULE = "nbdcrypt.plugin.workers"
+MODULE = "nbdcrypt.datapath.workers"
 SLOT = 4 << 20  # shared memory per worker process; a multiple of every sector size
 START_TIMEOUT = 60.0  # for a new worker to import its modules and build its cipher
 WAIT_TIMEOUT = 60.0  # for a free worker, before a request fails with EIO

@@ -17,7 +17,7 @@ so an acknowledged write is in the file.  Every request reads the settings once
 when it starts: a switch takes effect for the next request while in-flight ones
 finish on the path they started on (the pools keep running), so nothing drains
 or drops.  Workers are threads by default, or processes (``worker_type``):
-:mod:`nbdcrypt.plugin.workers`; docs/queueing.md has the measurements.
+:mod:`nbdcrypt.datapath.workers`; docs/queueing.md has the measurements.
 """
 
 import ctypes
