@@ -1,8 +1,10 @@
 """The native sector kernel against the numpy engine and the per-sector reference, byte
 for byte: every AES spec, sector size, IV option, request length and direction."""
 
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +17,8 @@ from nbdcrypt.crypto import native
 from nbdcrypt.crypto.engine import CHUNK, SectorCipher
 from nbdcrypt.crypto.spec import ESSIV_HASHES, CipherSpec
 from tests import reference_cipher
+from tests.conftest import _await_line, nbdcrypt_luks1
+from tests.tools import nbdcrypt_cmd, require
 
 pytestmark = pytest.mark.skipif(native.Kernel is None, reason="native kernel not built")
 
@@ -80,6 +84,12 @@ def test_requests_beyond_a_chunk(spec_text, sector_size):
             assert buf == expected, cipher.engine
 
 
+def environment(engine):
+    """This process's environment with NBDCRYPT_ENGINE set to ``engine`` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "NBDCRYPT_ENGINE"}
+    return env | ({"NBDCRYPT_ENGINE": engine} if engine else {})
+
+
 def test_numpy_fallback_forced_from_the_environment():
     """NBDCRYPT_ENGINE=numpy makes a fresh process run AES in numpy, with the same bytes."""
     script = ("import sys; from nbdcrypt.crypto import engine; from nbdcrypt.crypto.spec import CipherSpec\n"
@@ -89,14 +99,28 @@ def test_numpy_fallback_forced_from_the_environment():
               "print(engine.ENGINE, cipher.engine, buf.hex())")
     outputs = {}
     for forced in ("numpy", None):
-        env = {k: v for k, v in os.environ.items() if k != "NBDCRYPT_ENGINE"}
-        if forced:
-            env["NBDCRYPT_ENGINE"] = forced
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-c", script], env=environment(forced), capture_output=True,
+                              text=True, check=True)
         outputs[forced] = done.stdout.split()
     assert outputs["numpy"][:2] == ["numpy", "numpy"]
     assert outputs[None][:2] == ["native", "native"]
     assert outputs["numpy"][2] == outputs[None][2]
+
+
+def test_info_and_serve_name_the_engine(tmp_path, key_file):
+    image = nbdcrypt_luks1(tmp_path / "img", key_file, "16M")
+    info = nbdcrypt_cmd() + ["info", "--json", str(image)]
+    for forced, expected in (("numpy", "numpy"), (None, "native")):
+        done = subprocess.run(info, env=environment(forced), capture_output=True, text=True, check=True)
+        assert json.loads(done.stdout)["engine"] == expected
+    require("nbdkit")
+    serve = nbdcrypt_cmd() + ["serve", str(image), "--key-file", str(key_file), "--socket", str(tmp_path / "sock")]
+    with subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            line = _await_line(proc, b"serving", 60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+    assert line and b"(luks1, aes-xts-plain64 in the native engine, " in line, line
 
 
 def test_other_ciphers_stay_in_numpy():

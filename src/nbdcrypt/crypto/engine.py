@@ -72,7 +72,7 @@ class SectorCipher:
         self.iv_tweak = iv_tweak
         # dm-crypt counts IV sectors in 512-byte units unless told otherwise.
         self._iv_step = 1 if iv_large_sectors else sector_size // 512
-        kernel = native.kernel(spec, key, sector_size, self._iv_step, iv_tweak, engine or native.ENGINE)
+        kernel = native.kernel(spec, key, sector_size, self._iv_step, iv_tweak, engine)
         self.engine = "native" if kernel else "numpy"
         if kernel:
             # The kernel's own methods: no Python frame between a request and the C code.

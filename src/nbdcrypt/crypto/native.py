@@ -21,12 +21,19 @@ ENGINE = "native" if Kernel is not None and os.environ.get("NBDCRYPT_ENGINE") !=
 _MASK64 = (1 << 64) - 1
 
 
-def kernel(spec, key, sector_size, iv_step, iv_tweak, engine):
-    """A Kernel that runs ``spec`` (its ``encrypt``/``decrypt`` take a buffer and the
-    first sector's number), or None where the numpy engine runs it."""
+def engine_for(spec, engine=None):
+    """The engine that runs ``spec``: ``engine`` ("native" or "numpy", default ENGINE) for
+    AES, "numpy" for the other ciphers."""
+    engine = engine or ENGINE
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
-    if engine == "numpy" or spec.cipher != "aes":
+    return engine if spec.cipher == "aes" else "numpy"
+
+
+def kernel(spec, key, sector_size, iv_step, iv_tweak, engine=None):
+    """A Kernel that runs ``spec`` (its ``encrypt``/``decrypt`` take a buffer and the
+    first sector's number), or None where the numpy engine runs it."""
+    if engine_for(spec, engine) == "numpy":
         return None
     if Kernel is None:
         raise UnsupportedError("the native sector kernel is not built: reinstall nbdcrypt with a C compiler")

@@ -11,6 +11,7 @@ import os
 import sys
 
 from .. import __version__
+from ..crypto import native
 from ..errors import InputError, NbdcryptError
 from ..formats.luks_common import create_file
 from . import config, ctl, keys
@@ -348,6 +349,8 @@ def run_info(args):
     if getattr(header, "backing_file", None):  # a name serve would refuse is refused here too
         backing_path(path, header.backing_file, args.backing_dir or ())
     info = header.info()
+    if header.cipher_spec:
+        info["engine"] = native.engine_for(header.cipher_spec)  # the sector cipher's: native or numpy
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 
 from .. import plugin
+from ..crypto import native
 from ..errors import InputError, NbdcryptError
 from ..formats.qcow2 import Qcow2Header
 from ..plugin.export import header_file, unlock_all
@@ -172,7 +173,8 @@ def serve(image, passphrase, listener, header=None, readonly=False, settings=Non
     finally:
         for secret in [passphrase, *backing_passphrases]:  # done with: nbdkit gets the key
             keys.wipe(secret)
-    banner = (f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}, {size} bytes) "
+    engine = f" in the {native.engine_for(hdr.cipher_spec)} engine" if hdr.cipher_spec else ""
+    banner = (f"nbdcrypt: serving {image} ({hdr.info()['format']}, {hdr.cipher_spec}{engine}, {size} bytes) "
               f"at {listener.uri}")
     try:
         key_fd = _key_pipe(key)
