@@ -3,7 +3,10 @@
 import itertools
 import json
 import subprocess
+import time
 from dataclasses import dataclass
+
+import numpy
 
 WORKLOADS = {
     "seqread": ["--rw=read"],
@@ -12,9 +15,12 @@ WORKLOADS = {
     "randwrite": ["--rw=randwrite"],
     "mixed": ["--rw=randrw", "--rwmixread=50"],
 }
-BLOCK_SIZES = (4096, 65536, 1 << 20)
+BLOCK_SIZES = (4096, 65536, 131072, 1 << 20)
 QUEUE_DEPTHS = (1, 8, 32)
+# The default run keeps QD32 for the smallest and largest requests only: about 25 minutes on 2 cores.
+DEEP_QD, DEEP_SIZES = 32, (4096, 1 << 20)
 QUICK = (("randread", "mixed"), (4096, 1 << 20), (8,))
+CPU_SAMPLE_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -31,13 +37,19 @@ def matrix(workloads=tuple(WORKLOADS), sizes=BLOCK_SIZES, depths=QUEUE_DEPTHS):
     return [Cell(*c) for c in itertools.product(workloads, sizes, depths)]
 
 
+def default_matrix(workloads=tuple(WORKLOADS)):
+    return [c for c in matrix(workloads) if c.qd != DEEP_QD or c.bs in DEEP_SIZES]
+
+
 def human_size(n):
     return next(f"{n >> shift} {unit}" for shift, unit in ((20, "MiB"), (10, "KiB"), (0, "B"))
                 if n >= 1 << shift and n % (1 << shift) == 0)
 
 
-def run_cell(uri, cell, size, runtime, ramp, workdir):
-    """Run fio on ``cell``; return its figures per direction (only directions that moved data).
+def run_cell(uri, cell, size, runtime, ramp, workdir, server_cpu=None):
+    """Run fio on ``cell``; return its figures per direction (only directions that moved data),
+    and, given ``server_cpu`` (a function returning the server's user and system CPU seconds),
+    the server's CPU per request over fio's measured window.
 
     direct stays 0: the nbd engine has no page cache of its own, so every I/O reaches
     the server, and each server goes through the host page cache the same way.
@@ -47,16 +59,48 @@ def run_cell(uri, cell, size, runtime, ramp, workdir):
            f"--bs={cell.bs}", f"--iodepth={cell.qd}", f"--size={size}", "--time_based",
            f"--runtime={round(runtime * 1000)}ms", f"--ramp_time={round(ramp * 1000)}ms",
            "--lat_percentiles=1", "--output-format=json", f"--output={out}"]
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"fio exited {result.returncode}: {result.stderr.strip()}")
-    job = json.loads(out.read_text())["jobs"][0]
+    with subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        samples, stderr = _sample_until_exit(proc, server_cpu or (lambda: (0, 0)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio exited {proc.returncode}: {stderr.strip()}")
+    report = json.loads(out.read_text())
+    job = report["jobs"][0]
     if job["error"]:
         raise RuntimeError(f"fio job error {job['error']}")
     directions = {d: _figures(job[d]) for d in ("read", "write") if job[d]["io_bytes"]}
     if not directions:
         raise RuntimeError("fio moved no data")
-    return summarise(directions)
+    figures = summarise(directions)
+    if server_cpu:
+        # fio stamps its report as the measured window ends (after the ramp, before it
+        # disconnects): the window's edges exclude fio's start, the ramp and the connection.
+        end = report["timestamp_ms"] / 1e3
+        requests = sum(job[d]["total_ios"] for d in directions)
+        figures |= _cpu_per_request(samples, end - job["job_runtime"] / 1e3, end, requests)
+    return figures
+
+
+def _sample_until_exit(proc, server_cpu):
+    """(wall time, user, system) of the server every CPU_SAMPLE_SECONDS while fio runs; fio's stderr."""
+    samples = []
+    while True:
+        samples.append((time.time(), *server_cpu()))
+        try:
+            _, stderr = proc.communicate(timeout=CPU_SAMPLE_SECONDS)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    samples.append((time.time(), *server_cpu()))
+    return samples, stderr
+
+
+def _cpu_per_request(samples, start, end, requests):
+    """The server's CPU microseconds per request between ``start`` and ``end``, the edges
+    interpolated between samples; ``server_sys_us`` is the part spent in the kernel."""
+    wall, user, system = numpy.array(samples).T
+    used = lambda series: numpy.interp(end, wall, series) - numpy.interp(start, wall, series)
+    return {"requests": requests, "server_cpu_us": (used(user) + used(system)) / requests * 1e6,
+            "server_sys_us": used(system) / requests * 1e6}
 
 
 def summarise(directions):

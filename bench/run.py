@@ -4,17 +4,21 @@ Targets (all serving the same LUKS1 aes-xts-plain64 image made by qemu-img, exce
 plaintext ceiling on a raw image and the qcow2 pair on a qcow2+LUKS image):
   nbdcrypt          nbdcrypt serve, default queueing (one target per queueing mode:
   nbdcrypt-inline   ... --perf-no_read_workqueue --perf-no_write_workqueue)
-  nbdcrypt-qcow2    nbdcrypt serve on the qcow2 image (skipped until nbdcrypt formats qcow2)
+  nbdcrypt-qcow2    nbdcrypt serve on the qcow2+LUKS image
   plaintext         nbdkit file plugin on a raw image: the ceiling
   nbdkit-luks       nbdkit --filter=luks file
   qemu-nbd-luks     qemu-nbd --image-opts driver=luks
   qemu-nbd-qcow2    qemu-nbd --image-opts driver=qcow2,encrypt...
-  python-floor      (opt-in) nbdkit python plugin doing plain pread/pwrite: the plugin's floor
+  python-floor      nbdkit python plugin doing plain pread/pwrite: the plugin's floor
 
 Cells: workload (seqread seqwrite randread randwrite mixed=randrw 50/50) x block size
-(4 KiB 64 KiB 1 MiB) x queue depth (1 8 32); every target runs each cell before the next
-cell starts, so slow drifts of a shared machine hit all targets alike.  Writes: OUT/results.json,
-OUT/results.md (also printed) and OUT/*.png.  Progress goes to stderr.
+(4 KiB 64 KiB 128 KiB 1 MiB) x queue depth (1 8), and QD 32 for 4 KiB and 1 MiB only: 50 cells,
+about 25 minutes on 2 cores (--bs or --qd run every combination of the sizes and depths given).
+Every target runs each cell before the next cell starts, so slow drifts of a shared machine hit
+all targets alike.  Each cell records fio's MB/s, IOPS and latencies and the server's CPU time
+per request (user + system of the server's processes and threads, from /proc, over fio's
+measured window).  Writes: OUT/results.json, OUT/results.md (also printed) and OUT/*.png.
+Progress goes to stderr.  Two runs side by side: python -m bench.report --compare.
 """
 
 import argparse
@@ -25,10 +29,11 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 from bench import fio, report
-from bench.targets import TARGETS, connect_ms, make_images, serving
+from bench.targets import TARGETS, connect_ms, cpu_seconds, make_images, serving
 
 SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -60,15 +65,18 @@ def parse_args(argv):
                         + ", ".join(t.name for t in TARGETS if not t.default) + ") of: "
                         + ",".join(t.name for t in TARGETS))
     p.add_argument("--workloads", type=csv(str), help="comma-separated subset of: " + ",".join(fio.WORKLOADS))
-    p.add_argument("--bs", type=csv(size), help="comma-separated block sizes (default: 4K,64K,1M)")
-    p.add_argument("--qd", type=csv(int), help="comma-separated queue depths (default: 1,8,32)")
+    p.add_argument("--bs", type=csv(size), help="comma-separated block sizes (default: 4K,64K,128K,1M)")
+    p.add_argument("--qd", type=csv(int), help="comma-separated queue depths (default: 1,8, and 32 for 4K and 1M)")
     p.add_argument("--replot", action="store_true", help="only rewrite results.md and the charts from OUT/results.json")
     p.add_argument("--workdir", type=Path, help="keep images, sockets and server logs here (default: a temporary directory)")
     args = p.parse_args(argv)
     quick_workloads, quick_sizes, quick_depths = fio.QUICK if args.quick else (None, None, None)
     args.workloads = args.workloads or quick_workloads or list(fio.WORKLOADS)
-    args.bs = args.bs or quick_sizes or fio.BLOCK_SIZES
-    args.qd = args.qd or quick_depths or fio.QUEUE_DEPTHS
+    if args.bs or args.qd or args.quick:
+        args.cells = fio.matrix(args.workloads, args.bs or quick_sizes or fio.BLOCK_SIZES,
+                                args.qd or quick_depths or fio.QUEUE_DEPTHS)
+    else:
+        args.cells = fio.default_matrix(args.workloads)
     args.runtime = args.runtime or (1 if args.quick else 3)
     args.ramp = args.ramp if args.ramp is not None else 0.3 if args.quick else 0.5
     args.fill = args.fill or (32 << 20 if args.quick else 256 << 20)
@@ -102,7 +110,6 @@ def main(argv=None):
         write(json.loads((args.out / "results.json").read_text()), args.out)
         return 0
     signal.signal(signal.SIGTERM, _interrupt)
-    cells = fio.matrix(args.workloads, args.bs, args.qd)
     data = {"command": shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)]),
             "machine": report.machine(), "targets": [], "cells": [],
             "settings": {k: getattr(args, k) for k in ("quick", "runtime", "ramp", "size", "fill", "iter_time")}}
@@ -112,7 +119,7 @@ def main(argv=None):
         try:
             with ExitStack() as servers:
                 uris = start(servers, [t for t in TARGETS if t.name in args.targets], paths, workdir, data)
-                measure(uris, cells, args, workdir, data)
+                measure(uris, args.cells, args, workdir, data)
         except KeyboardInterrupt:
             data["interrupted"] = True
             progress("interrupted: servers stopped; writing what was measured")
@@ -121,7 +128,7 @@ def main(argv=None):
 
 
 def start(servers, targets, paths, workdir, data):
-    """Start every available target, record why the others are skipped; {name: URI}."""
+    """Start every available target, record why the others are skipped; {name: (URI, server PID)}."""
     uris = {}
     for target in targets:
         entry = {"name": target.name, "label": target.label, "subject": target.subject,
@@ -132,8 +139,9 @@ def start(servers, targets, paths, workdir, data):
             progress(f"skipping {target.name}: {entry['skipped']}")
             continue
         try:
-            uris[target.name], _ = servers.enter_context(serving(target, paths, workdir))
-            entry["connect_ms"] = connect_ms(uris[target.name])
+            uri, server = servers.enter_context(serving(target, paths, workdir))
+            uris[target.name] = uri, server.pid
+            entry["connect_ms"] = connect_ms(uri)
         except RuntimeError as e:
             entry["skipped"] = f"failed: {e}"
             uris.pop(target.name, None)
@@ -147,11 +155,13 @@ def measure(uris, cells, args, workdir, data):
     """Every cell on every target, target-interleaved, one progress line each."""
     total, began = len(cells) * len(uris), time.monotonic()
     for cell in cells:
-        for name, uri in uris.items():
+        for name, (uri, pid) in uris.items():
             record = {"target": name, "workload": cell.workload, "bs": cell.bs, "qd": cell.qd}
             try:
-                record |= fio.run_cell(uri, cell, args.fill, args.runtime, args.ramp, workdir)
-                result = f"{record['mbps']:8.1f} MB/s  p99 {record['lat_p99_us'] / 1e3:7.2f} ms"
+                record |= fio.run_cell(uri, cell, args.fill, args.runtime, args.ramp, workdir,
+                                       server_cpu=partial(cpu_seconds, pid))
+                result = (f"{record['mbps']:8.1f} MB/s  p99 {record['lat_p99_us'] / 1e3:7.2f} ms"
+                          f"  CPU {record['server_cpu_us']:6.0f} us/request")
             except RuntimeError as e:
                 record["error"] = result = str(e)
             data["cells"].append(record)
