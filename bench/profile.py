@@ -1,7 +1,8 @@
 """Where a served target spends its time under one fio cell: py-spy samples nbdkit (the
 plugin's embedded Python) while fio runs, then the top frames are printed, by own time and
 including callees, as a share of all samples; and the server's CPU time per request (user
-and system, from /proc), which a busy shared machine disturbs less than MB/s.
+and system of all its processes and threads, from /proc), which a busy shared machine
+disturbs less than MB/s.
 
 Usage, from the repository root:
   .venv/bin/python -m bench.profile [--target nbdcrypt] [--workload mixed] [--bs 1M] [--qd 8] [--gil]
@@ -10,16 +11,16 @@ Needs py-spy (`.venv/bin/pip install py-spy`; not a project dependency).
 
 import argparse
 import collections
-import os
 import re
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from bench import fio
 from bench.run import size, workspace
-from bench.targets import TARGETS, make_images, serving
+from bench.targets import TARGETS, cpu_seconds, make_images, serving
 
 FILL = 256 << 20
 
@@ -48,13 +49,12 @@ def main(argv=None):
                                     "--pid", str(pid), "--format", "raw", "--output", str(raw),
                                     "--duration", str(round(args.seconds)), "--nonblocking",
                                     *(["--gil"] if args.gil else [])], stdout=subprocess.DEVNULL)
-            before = _cpu_seconds(pid)
-            result = fio.run_cell(uri, cell, FILL, args.seconds, 0, workdir)
-            user, system = (b - a for a, b in zip(before, _cpu_seconds(pid)))
+            result = fio.run_cell(uri, cell, FILL, args.seconds, 0, workdir,
+                                  server_cpu=partial(cpu_seconds, server.pid))
             spy.wait()
-        requests = result["iops"] * args.seconds
+        system = result["server_sys_us"]
         print(f"{target.name}, {cell}: {result['mbps']:.0f} MB/s; server CPU per request: "
-              f"{user / requests * 1e6:.0f} us user + {system / requests * 1e6:.0f} us system"
+              f"{result['server_cpu_us'] - system:.0f} us user + {system:.0f} us system"
               + (" (samples: GIL holder only)" if args.gil else ""))
         print_top(raw.read_text(), args.top)
 
@@ -64,12 +64,6 @@ def _nbdkit_pid(pid):
     if Path(f"/proc/{pid}/comm").read_text().strip() == "nbdkit":
         return pid
     return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
-
-
-def _cpu_seconds(pid):
-    """User and system CPU seconds of a process, all its threads (also exited ones)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def print_top(collapsed, top):
