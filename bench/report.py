@@ -114,7 +114,7 @@ def write_markdown(data, path):
 def _preamble(data):
     m, s = data["machine"], data["settings"]
     lines = [f"# nbdcrypt benchmark, {m['date']}", "",
-             f"`{data['command']}` at commit {m['commit']}.", "",
+             f"`{data['command']}` at commit {m['commit']}, serving with {s.get('nbdcrypt', 'its own nbdcrypt')}.", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['aes_flags'])}, kernel {m['kernel']}; "
              + ", ".join(m["tools"].values()) + ".", "",
              f"Each cell is one fio run (nbd ioengine, one job, Unix socket): {s['ramp']} s ramp then {s['runtime']} s "
@@ -312,7 +312,8 @@ def write_comparison(old, new, paths, outdir):
 def _comparison_tables(old, new, paths, targets, cells):
     lines = ["# nbdcrypt benchmark: two runs side by side", ""]
     lines += [(f"- {which}: `{path}`: `{r.data['command']}` at commit {r.data['machine']['commit']}, "
-               f"{r.data['machine']['date']}") for which, path, r in zip(("old", "new"), paths, (old, new))]
+               f"{r.data['machine']['date']}, serving with {r.data['settings'].get('nbdcrypt', 'its own nbdcrypt')}")
+              for which, path, r in zip(("old", "new"), paths, (old, new))]
     lines += ["", ("Each entry is old -> new (new / old); bold where an nbdcrypt target got worse. The runs were "
                    "not interleaved: the peers' ratios (their code is the same in both) show how far the machine "
                    "itself drifted between the runs.")]

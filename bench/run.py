@@ -67,6 +67,9 @@ def parse_args(argv):
     p.add_argument("--workloads", type=csv(str), help="comma-separated subset of: " + ",".join(fio.WORKLOADS))
     p.add_argument("--bs", type=csv(size), help="comma-separated block sizes (default: 4K,64K,128K,1M)")
     p.add_argument("--qd", type=csv(int), help="comma-separated queue depths (default: 1,8, and 32 for 4K and 1M)")
+    p.add_argument("--nbdcrypt", type=Path, default=Path(sys.executable).with_name("nbdcrypt"),
+                   help="the nbdcrypt executable the nbdcrypt targets serve with, e.g. another checkout's "
+                        ".venv/bin/nbdcrypt to measure older code (default: %(default)s)")
     p.add_argument("--replot", action="store_true", help="only rewrite results.md and the charts from OUT/results.json")
     p.add_argument("--workdir", type=Path, help="keep images, sockets and server logs here (default: a temporary directory)")
     args = p.parse_args(argv)
@@ -112,10 +115,11 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _interrupt)
     data = {"command": shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)]),
             "machine": report.machine(), "targets": [], "cells": [],
-            "settings": {k: getattr(args, k) for k in ("quick", "runtime", "ramp", "size", "fill", "iter_time")}}
+            "settings": {k: getattr(args, k) for k in ("quick", "runtime", "ramp", "size", "fill", "iter_time")}
+            | {"nbdcrypt": str(args.nbdcrypt.absolute())}}
     with workspace(args.workdir) as workdir:
         progress(f"making images in {workdir} ...")
-        paths = make_images(workdir, args.size, args.fill, args.iter_time)
+        paths = make_images(workdir, args.size, args.fill, args.iter_time) | {"nbdcrypt": str(args.nbdcrypt.absolute())}
         try:
             with ExitStack() as servers:
                 uris = start(servers, [t for t in TARGETS if t.name in args.targets], paths, workdir, data)
