@@ -53,10 +53,10 @@ def best_rate(size, threads, encrypt_one):
     return best
 
 
-def through(pool):
+def through(pool, cipher):
     def encrypt_one(buf, sector):
         pool.enter()
-        pool.run(Timing(), True, buf, sector)
+        pool.run(Timing(), cipher, True, buf, sector)
     return encrypt_one
 
 
@@ -69,11 +69,11 @@ def engine_and_pools(cipher, key):
         print(f"  {size >> 10:>5} KiB " + " ".join(f"{r:>7.0f}" for r in rates))
     print(f"\npools of {cpus} workers fed by {SUBMITTERS} threads, MB/s: threads, processes, processes/threads")
     recipe = CipherRecipe(cipher, key)
-    threads, processes = ThreadWorkers(cipher, cpus), ProcessWorkers(recipe, cpus)
+    threads, processes = ThreadWorkers(cpus), ProcessWorkers([recipe], cpus)
     try:
         for size in SIZES:
-            t = best_rate(size, SUBMITTERS, through(threads))
-            p = best_rate(size, SUBMITTERS, through(processes))
+            t = best_rate(size, SUBMITTERS, through(threads, cipher))
+            p = best_rate(size, SUBMITTERS, through(processes, cipher))
             print(f"  {size >> 10:>5} KiB {t:>7.0f} {p:>7.0f}   {p / t:.2f}")
     finally:
         threads.close()

@@ -29,7 +29,7 @@ def volume_on(path, **settings):
     path.write_bytes(bytes(SIZE))
     cipher = SectorCipher(CipherSpec.parse("aes-xts-plain64"), KEY)
     volume = Volume(FileStore(path), cipher, 0, SIZE)
-    volume.path.allow_processes(KEY)
+    volume.path.register(volume.cipher, KEY)
     volume.path.configure(settings)
     return volume
 
@@ -208,7 +208,7 @@ def test_worker_processes_cross_the_shared_slot(tmp_path):
     expected = bytearray(data)
     cipher.encrypt(expected, 0)
     with Volume(FileStore(path), cipher, 0, size) as volume:
-        volume.path.allow_processes(KEY)
+        volume.path.register(volume.cipher, KEY)
         volume.path.configure({"worker_type": "process", "workers": 1})
         volume.write(data, 0)
         assert path.read_bytes() == expected
@@ -223,12 +223,12 @@ def test_worker_processes_rebuild_the_cipher(spec, sector_size, iv_large_sectors
     key = KEY[:64 if "xts" in spec else 32]
     cipher = SectorCipher(CipherSpec.parse(spec), key, sector_size, iv_large_sectors, iv_tweak)
     recipe = CipherRecipe(cipher, key)
-    pool = ProcessWorkers(recipe, 1)
+    pool = ProcessWorkers([recipe], 1)
     data = bytearray(os.urandom(3 * sector_size))
     expected = bytearray(data)
     cipher.encrypt(expected, 12345)
     pool.enter()
-    pool.run(Timing(), True, data, 12345)
+    pool.run(Timing(), cipher, True, data, 12345)
     pool.close()
     recipe.wipe()
     assert data == expected and recipe.key == bytes(len(key))

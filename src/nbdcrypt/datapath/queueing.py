@@ -107,25 +107,25 @@ class _Current(threading.local):
 
 
 class CryptPath:
-    """Reads and writes sectors of a store through a cipher on the configured path.
+    """Reads and writes sectors of stores through ciphers on the configured path.
 
-    ``cipher`` has ``encrypt(buf, sector)`` / ``decrypt(buf, sector)`` (None: the
-    data is stored in the clear, as in a qcow2 backing file); ``store`` has
-    ``read_into``, ``write`` and ``flush``.  :meth:`read` and :meth:`write` run inside
+    One per export: every layer of a qcow2 backing chain goes through it, so all
+    share its pools, settings, throttle and statistics.  Each call names its
+    ``cipher`` (``encrypt(buf, sector)`` / ``decrypt(buf, sector)``; None: the data
+    is stored in the clear, as in an unencrypted qcow2 file) and its ``store``
+    (``read_into`` and ``write``).  :meth:`read` and :meth:`write` run inside
     :meth:`request`, which the volume opens once per NBD request.  Thread-safe.
-    Worker processes need the key: :meth:`allow_processes`.
+    Worker processes need each cipher's key: :meth:`register`.
     """
 
-    def __init__(self, cipher, store, settings=Settings()):
-        self.cipher = cipher
-        self.store = store
+    def __init__(self, settings=Settings()):
         self.stats = Stats()
         self._settings = settings
-        self._recipe = None
+        self._recipes = ()
         self._throttle = Throttle(settings.throttle_bps, settings.throttle_ops)
         self._pool = self._new_pool(settings)
         self._cpu_pools = {}
-        self._writer = SortedWriter(store)
+        self._writer = SortedWriter()
         self._lock = threading.Lock()  # held only to pick a pool or swap one
         self._configuring = threading.Lock()
         self._current = _Current()
@@ -134,11 +134,22 @@ class CryptPath:
     def settings(self):
         return self._settings
 
-    def allow_processes(self, key):
-        """Keep a copy of the cipher's key, so worker processes can be started (now or
-        on a later ``worker_type=process``); :meth:`close` wipes it."""
-        if self.cipher is not None:
-            self._recipe = CipherRecipe(self.cipher, key)
+    def register(self, cipher, key):
+        """Keep a copy of ``cipher``'s key, so worker processes can serve it (now or on
+        a later ``worker_type=process``); running worker processes are replaced by ones
+        that know it too.  :meth:`close` wipes the copies."""
+        if cipher is None:
+            return
+        with self._configuring:
+            recipes = self._recipes
+            self._recipes = (*recipes, CipherRecipe(cipher, key))
+            try:
+                process = self._settings.worker_type == "process"
+                self._switch(self._settings, new_pool=process, new_cpu_pools=process)
+            except BaseException:
+                self._recipes[-1].wipe()
+                self._recipes = recipes
+                raise
 
     def configure(self, changes):
         """Apply changes (name -> value) for the next request; returns the new settings.
@@ -149,20 +160,8 @@ class CryptPath:
             new = old.updated(changes)
             if new.workers < 1:
                 raise InputError("workers must be at least 1")
-            pool = None
-            if (new.workers, new.worker_type) != (old.workers, old.worker_type):
-                pool = self._new_pool(new)
-            with self._lock:
-                retired = []
-                if pool is not None:
-                    retired, self._pool = [self._pool], pool
-                if new.worker_type != old.worker_type:
-                    retired += self._cpu_pools.values()
-                    self._cpu_pools = {}
-                self._throttle.set_rates(new.throttle_bps, new.throttle_ops)
-                self._settings = new
-            for old_pool in retired:
-                old_pool.retire()
+            self._switch(new, new_pool=(new.workers, new.worker_type) != (old.workers, old.worker_type),
+                         new_cpu_pools=new.worker_type != old.worker_type)
             return new
 
     def worker_pids(self):
@@ -174,7 +173,8 @@ class CryptPath:
     @contextmanager
     def request(self, direction, nbytes):
         """One NBD request: counted, throttled and timed, on the settings of its start.
-        A request opened inside another (a volume calling itself) is part of it."""
+        A request opened inside another (a volume calling itself, or its backing
+        file) is part of it."""
         if self._current.request is not None:
             yield
             return
@@ -187,51 +187,65 @@ class CryptPath:
             finally:
                 self._current.request = None
 
-    def read(self, buf, offset, sector):
+    def read(self, cipher, store, buf, offset, sector):
         """Fill ``buf`` with the plaintext of the sectors stored at ``offset``."""
         settings, timing = self._current.request
-        timing.time("io", self.store.read_into, buf, offset)
-        if self.cipher is not None:
-            self._crypt(settings.no_read_workqueue, settings, timing, False, buf, sector)
+        timing.time("io", store.read_into, buf, offset)
+        if cipher is not None:
+            self._crypt(settings.no_read_workqueue, settings, timing, cipher, False, buf, sector)
 
-    def write(self, buf, offset, sector, fua=False):
+    def write(self, cipher, store, buf, offset, sector, fua=False):
         """Encrypt ``buf`` (a scratch buffer, changed in place) and store it at ``offset``."""
         settings, timing = self._current.request
 
         def write_now():
-            timing.time("io", self.store.write, buf, offset, fua)
+            timing.time("io", store.write, buf, offset, fua)
 
-        if self.cipher is None:
+        if cipher is None:
             write_now()
         elif settings.no_write_workqueue or settings.submit_from_crypt_cpus:
-            self._crypt(settings.no_write_workqueue, settings, timing, True, buf, sector, then=write_now)
+            self._crypt(settings.no_write_workqueue, settings, timing, cipher, True, buf, sector, then=write_now)
         else:
-            self._crypt(False, settings, timing, True, buf, sector)
-            timing.time("io", self._writer.write, buf, offset, fua)
-
-    def flush(self):
-        # Every acknowledged write has already reached the store (requests wait).
-        self.store.flush()
+            self._crypt(False, settings, timing, cipher, True, buf, sector)
+            timing.time("io", self._writer.write, store, buf, offset, fua)
 
     def close(self):
+        """Stop the workers and wipe the keys; again is harmless (every volume on the
+        path closes it)."""
         self._writer.close()
         for pool in [self._pool, *self._cpu_pools.values()]:
             pool.close(wait=True)
-        if self._recipe is not None:
-            self._recipe.wipe()
+        for recipe in self._recipes:
+            recipe.wipe()
 
-    def _crypt(self, inline, settings, timing, encrypt, buf, sector, then=None):
+    def _switch(self, new, new_pool, new_cpu_pools):
+        """Serve the next requests with settings ``new``; with ``new_pool`` on a new
+        shared pool, with ``new_cpu_pools`` on new pinned ones (made when first used)."""
+        pool = self._new_pool(new) if new_pool else None
+        with self._lock:
+            retired = []
+            if pool is not None:
+                retired, self._pool = [self._pool], pool
+            if new_cpu_pools:
+                retired += self._cpu_pools.values()
+                self._cpu_pools = {}
+            self._throttle.set_rates(new.throttle_bps, new.throttle_ops)
+            self._settings = new
+        for old_pool in retired:
+            old_pool.retire()
+
+    def _crypt(self, inline, settings, timing, cipher, encrypt, buf, sector, then=None):
         """Encrypt or decrypt ``buf`` here or on a crypt worker, then call ``then()``
         (on the worker's side), and wait for both."""
         if inline:
-            timing.time("crypto", self.cipher.encrypt if encrypt else self.cipher.decrypt, buf, sector)
+            timing.time("crypto", cipher.encrypt if encrypt else cipher.decrypt, buf, sector)
             if then is not None:
                 then()
             return
         with self._lock:  # not while configure() swaps the pool
             pool = self._pool_for(settings)
             pool.enter()
-        pool.run(timing, encrypt, buf, sector, then)
+        pool.run(timing, cipher, encrypt, buf, sector, then)
 
     def _pool_for(self, settings):
         """The shared pool, or the submitting CPU's own pinned worker (lock held)."""
@@ -243,31 +257,30 @@ class CryptPath:
         return self._cpu_pools[cpu]
 
     def _new_pool(self, settings, cpu=None):
-        if settings.worker_type == "thread" or self.cipher is None:
-            return ThreadWorkers(self.cipher, settings.workers, cpu)
-        if self._recipe is None:
-            raise InputError("worker processes need the key: call allow_processes(key) first")
-        return ProcessWorkers(self._recipe, settings.workers, cpu, self.stats.count_worker_restart)
+        if settings.worker_type == "thread":
+            return ThreadWorkers(settings.workers, cpu)
+        if not self._recipes:
+            raise InputError("worker processes need the key: register(cipher, key) first")
+        return ProcessWorkers(self._recipes, settings.workers, cpu, self.stats.count_worker_restart)
 
 
 class SortedWriter:
     """dm-crypt's dmcrypt_write: one thread that issues pending writes in offset order."""
 
-    def __init__(self, store):
-        self._store = store
+    def __init__(self):
         self._pending = []
         self._cond = threading.Condition()
         self._closed = False
         self._thread = None
 
-    def write(self, buf, offset, fua=False):
-        """Queue a write and wait until the writer thread has issued it."""
+    def write(self, store, buf, offset, fua=False):
+        """Queue a write to ``store`` and wait until the writer thread has issued it."""
         done = Future()
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="dmcrypt_write", daemon=True)
                 self._thread.start()
-            self._pending.append((offset, buf, fua, done))
+            self._pending.append((offset, store, buf, fua, done))
             self._cond.notify()
         done.result()
 
@@ -285,9 +298,9 @@ class SortedWriter:
                 batch, self._pending = sorted(self._pending, key=lambda w: w[0]), []
                 if not batch and self._closed:
                     return
-            for offset, buf, fua, done in batch:
+            for offset, store, buf, fua, done in batch:
                 try:
-                    self._store.write(buf, offset, fua)
+                    store.write(buf, offset, fua)
                     done.set_result(None)
                 except Exception as e:  # handed to the waiting request thread
                     done.set_exception(e)

@@ -73,11 +73,13 @@ class Volume:
 
     ``cipher`` is a :class:`nbdcrypt.crypto.engine.SectorCipher`; sector numbers
     passed to it count from the start of the payload, as LUKS defines them.  The
-    queueing layer (``self.path``) decides which threads do the crypto and I/O.
+    export's queueing layer ``path`` (default: a new one) decides which threads do
+    the crypto and I/O.
     """
 
-    def __init__(self, store, cipher, payload_offset, size):
-        self.path = CryptPath(cipher, store)
+    def __init__(self, store, cipher, payload_offset, size, path=None):
+        self.store, self.cipher = store, cipher
+        self.path = CryptPath() if path is None else path
         self.sector_size = cipher.sector_size
         self.payload_offset = payload_offset
         self.size = size
@@ -108,7 +110,7 @@ class Volume:
             if offset + len(data) != end and end - ss >= offset:
                 self._read_sectors(plain[-ss:], end - ss)
             plain[offset - start:offset - start + len(data)] = data
-            self.path.write(plain, self.payload_offset + start, start // ss, fua)
+            self.path.write(self.cipher, self.store, plain, self.payload_offset + start, start // ss, fua)
 
     def zero(self, count, offset, fua=False):
         """Write zeros: one request, done in bounded chunks."""
@@ -121,12 +123,13 @@ class Volume:
                 offset += n
 
     def flush(self):
-        self.path.flush()
+        # Every acknowledged write has already reached the store (requests wait).
+        self.store.flush()
 
     def close(self):
         """Stop the workers and release the store (and its image lock)."""
         self.path.close()
-        self.path.store.close()
+        self.store.close()
 
     def __enter__(self):
         return self
@@ -139,7 +142,7 @@ class Volume:
         return offset // ss * ss, -(-(offset + length) // ss) * ss
 
     def _read_sectors(self, buf, start):
-        self.path.read(buf, self.payload_offset + start, start // self.sector_size)
+        self.path.read(self.cipher, self.store, buf, self.payload_offset + start, start // self.sector_size)
 
 
 class BufferPool:

@@ -1,19 +1,21 @@
 """Crypt workers for the queueing layer: threads of this process, or worker processes.
 
-A pool encrypts or decrypts one request's buffer in place, then makes a follow-up
-call (the write, with submit_from_crypt_cpus), for
-:class:`nbdcrypt.datapath.queueing.CryptPath`, which waits for both.  Threads share
-the volume's cipher: the engine spends large requests inside OpenSSL and numpy
-with the GIL released (docs/queueing.md has the measurements).
+A pool encrypts or decrypts one request's buffer in place with the cipher the
+request names (one export serves every layer of a qcow2 backing chain, each with
+its own key), then makes a follow-up call (the write, with submit_from_crypt_cpus),
+for :class:`nbdcrypt.datapath.queueing.CryptPath`, which waits for both.  Threads
+use the request's cipher object: the engine spends large requests inside OpenSSL
+and numpy with the GIL released (docs/queueing.md has the measurements).
 
 Worker processes (``worker_type=process``) run ``python3 -m nbdcrypt.datapath.workers``
 with two inherited descriptors: one end of a SOCK_SEQPACKET socket pair, and a memfd
 that both sides map, the *slot*, which holds the request's data, so no data is
-pickled or sent through the socket.  The cipher's parameters and key arrive as the
-socket's first two messages, never on the command line or in the environment; the
-worker makes itself undumpable, without core dumps and killed with its parent
-before it reads them, and wipes its copy of the key once the cipher is built.
-Then each request message (encrypt?, length, first sector) transforms the first
+pickled or sent through the socket.  The parameters of every cipher the pool
+serves arrive as the socket's first message, then their keys, one message each,
+never on the command line or in the environment; the worker makes itself
+undumpable, without core dumps and killed with its parent before it reads them,
+and wipes its copy of each key once the cipher is built.  Then each request
+message (encrypt?, cipher index, length, first sector) transforms the first
 ``length`` bytes of the slot in place and the reply carries the crypto time or an
 error.  Requests longer than the slot go through it in pieces.
 
@@ -48,7 +50,7 @@ WAIT_TIMEOUT = 60.0  # for a free worker, before a request fails with EIO
 PROBE_SECTOR = (1 << 40) + 3  # far out, so IV options show in the ciphertext
 PR_SET_PDEATHSIG = 1
 
-_REQUEST = struct.Struct("=?IQ")  # encrypt, length, first sector
+_REQUEST = struct.Struct("=?HIQ")  # encrypt, cipher index, length, first sector
 _REPLY = struct.Struct("=?d")  # ok, crypto seconds; when not ok an error message follows
 _MAX_MESSAGE = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -73,11 +75,11 @@ class _Pool:
         with self._lock:
             self._users += 1
 
-    def run(self, timing, encrypt, buf, sector, then=None):
-        """Encrypt (or decrypt) ``buf`` in place on a worker, then call ``then()``;
-        return when both are done.  Adds the queue and crypto phases to ``timing``."""
+    def run(self, timing, cipher, encrypt, buf, sector, then=None):
+        """Encrypt (or decrypt) ``buf`` in place with ``cipher`` on a worker, then call
+        ``then()``; return when both are done.  Adds the queue and crypto phases to ``timing``."""
         try:
-            self._run(timing, encrypt, buf, sector, then)
+            self._run(timing, cipher, encrypt, buf, sector, then)
         finally:
             with self._lock:
                 self._users -= 1
@@ -97,21 +99,20 @@ class _Pool:
 
 
 class ThreadWorkers(_Pool):
-    """``count`` threads sharing ``cipher``; with ``cpu``, pinned to that CPU."""
+    """``count`` threads; with ``cpu``, pinned to that CPU."""
 
-    def __init__(self, cipher, count, cpu=None):
+    def __init__(self, count, cpu=None):
         super().__init__()
-        self._cipher = cipher
         pinned = {} if cpu is None else dict(initializer=os.sched_setaffinity, initargs=(0, {cpu}))
         self._executor = ThreadPoolExecutor(
             count, thread_name_prefix="kcryptd" if cpu is None else f"kcryptd/{cpu}", **pinned)
 
-    def _run(self, timing, encrypt, buf, sector, then):
+    def _run(self, timing, cipher, encrypt, buf, sector, then):
         submitted = time.perf_counter()
 
         def job():
             timing.add("queue", time.perf_counter() - submitted)
-            timing.time("crypto", self._cipher.encrypt if encrypt else self._cipher.decrypt, buf, sector)
+            timing.time("crypto", cipher.encrypt if encrypt else cipher.decrypt, buf, sector)
             if then is not None:
                 then()
 
@@ -122,19 +123,20 @@ class ThreadWorkers(_Pool):
 
 
 class ProcessWorkers(_Pool):
-    """``count`` worker processes with ``recipe``'s cipher; with ``cpu``, pinned to
-    that CPU.  ``on_restart()`` is called for each one that died and was replaced.
+    """``count`` worker processes with the ciphers of ``recipes``; with ``cpu``, pinned
+    to that CPU.  ``on_restart()`` is called for each one that died and was replaced.
     The request thread hands its buffer to a free worker itself; then() runs there."""
 
-    def __init__(self, recipe, count, cpu=None, on_restart=lambda: None):
+    def __init__(self, recipes, count, cpu=None, on_restart=lambda: None):
         super().__init__()
-        self._recipe, self._cpu, self._on_restart = recipe, cpu, on_restart
+        self._recipes, self._cpu, self._on_restart = tuple(recipes), cpu, on_restart
+        self._index = {id(recipe.cipher): i for i, recipe in enumerate(self._recipes)}
         self._idle = queue.SimpleQueue()
         self._live = set()
         starting = []
         try:
             for _ in range(count):  # spawn all first: they import their modules in parallel
-                starting.append(_WorkerProcess(recipe, cpu))
+                starting.append(_WorkerProcess(self._recipes, cpu))
             for worker in starting:
                 worker.handshake()
         except BaseException:
@@ -162,11 +164,14 @@ class ProcessWorkers(_Pool):
             for worker in live:
                 worker.process.wait()
 
-    def _run(self, timing, encrypt, buf, sector, then):
+    def _run(self, timing, cipher, encrypt, buf, sector, then):
+        index = self._index.get(id(cipher))
+        if index is None:
+            raise StoreError("this cipher's key was not registered for worker processes", errno.EIO)
         start = time.perf_counter()
         worker = self._acquire()
         try:
-            crypto = worker.crypt(encrypt, buf, sector)
+            crypto = worker.crypt(index, encrypt, buf, sector)
         finally:
             if worker.dead:
                 worker.close()
@@ -220,7 +225,7 @@ class ProcessWorkers(_Pool):
         while not self._retired:
             worker = None
             try:
-                worker = _WorkerProcess(self._recipe, self._cpu)
+                worker = _WorkerProcess(self._recipes, self._cpu)
                 worker.handshake()
                 return worker
             except NbdcryptError as e:
@@ -236,6 +241,7 @@ class CipherRecipe:
     parameters and a locked copy of ``key`` (:meth:`wipe` it when done)."""
 
     def __init__(self, cipher, key):
+        self.cipher = cipher
         self.params = {"spec": str(cipher.spec), "sector_size": cipher.sector_size,
                        "iv_large_sectors": cipher.iv_large_sectors, "iv_tweak": cipher.iv_tweak}
         self.key = Secret(key)
@@ -261,8 +267,8 @@ def _probe(cipher):
 class _WorkerProcess:
     """One worker process as the plugin sees it: its Popen, socket and slot."""
 
-    def __init__(self, recipe, cpu=None):
-        self.recipe = recipe
+    def __init__(self, recipes, cpu=None):
+        self.recipes = recipes
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         slot_fd = os.memfd_create("nbdcrypt-slot")
         try:
@@ -286,11 +292,12 @@ class _WorkerProcess:
             os.sched_setaffinity(self.pid, {cpu})
 
     def handshake(self):
-        """Hand over the cipher and wait until the worker is ready."""
+        """Hand over the ciphers and wait until the worker is ready."""
         self._sock.settimeout(START_TIMEOUT)
         try:
-            self._send(json.dumps(self.recipe.params).encode())
-            self._send(self.recipe.key)
+            self._send(json.dumps([recipe.params for recipe in self.recipes]).encode())
+            for recipe in self.recipes:
+                self._send(recipe.key)
             self._reply()
         except (StoreError, TimeoutError) as e:
             raise NbdcryptError(f"crypt worker process {self.pid} did not start: "
@@ -298,15 +305,17 @@ class _WorkerProcess:
         finally:
             self._sock.settimeout(None)
 
-    def crypt(self, encrypt, buf, sector):
-        """Encrypt or decrypt ``buf`` in place through the slot; the worker's crypto
-        seconds.  StoreError (EIO) on failure; ``dead`` tells if the worker is gone."""
+    def crypt(self, index, encrypt, buf, sector):
+        """Encrypt or decrypt ``buf`` in place with cipher ``index`` through the slot;
+        the worker's crypto seconds.  StoreError (EIO) on failure; ``dead`` tells if
+        the worker is gone."""
         data = memoryview(buf).cast("B")
+        sector_size = self.recipes[index].params["sector_size"]
         seconds = 0.0
         for start in range(0, len(data), SLOT):
             piece = data[start:start + SLOT]
             self._view[:len(piece)] = piece
-            self._send(_REQUEST.pack(encrypt, len(piece), sector + start // self.recipe.params["sector_size"]))
+            self._send(_REQUEST.pack(encrypt, index, len(piece), sector + start // sector_size))
             seconds += self._reply()
             piece[:] = self._view[:len(piece)]
         return seconds
@@ -372,15 +381,16 @@ def main(sock_fd, slot_fd, parent):
     slot = memoryview(mmap.mmap(slot_fd, SLOT))
     os.close(slot_fd)
     try:
-        cipher = _receive_cipher(sock)
+        ciphers = _receive_ciphers(sock)
     except Exception as e:  # reported to the plugin, which reports it
         _answer(sock, False, error=e)
         return 1
     _answer(sock, True)
     while request := sock.recv(_MAX_MESSAGE):
-        encrypt, length, sector = _REQUEST.unpack(request)
+        encrypt, index, length, sector = _REQUEST.unpack(request)
         start = time.perf_counter()
         try:
+            cipher = ciphers[index]
             (cipher.encrypt if encrypt else cipher.decrypt)(slot[:length], sector)
         except Exception as e:  # fails this request with EIO, not the worker
             _answer(sock, False, error=e)
@@ -389,8 +399,11 @@ def main(sock_fd, slot_fd, parent):
     return 0  # end-of-file: the pool closed us, or the plugin is gone
 
 
-def _receive_cipher(sock):
-    params = json.loads(sock.recv(_MAX_MESSAGE))
+def _receive_ciphers(sock):
+    return [_receive_cipher(sock, params) for params in json.loads(sock.recv(_MAX_MESSAGE))]
+
+
+def _receive_cipher(sock, params):
     key = Secret(_MAX_MESSAGE)
     try:
         size = sock.recv_into(key)

@@ -171,13 +171,17 @@ class Payload:
     without ``--offset``), so reading it checks only its own file; the payload is
     checked here, against the data file, before any of it is served."""
 
-    def open_volume(self, store, master_key):
-        """The plaintext block device on the data file ``store``."""
+    def open_volume(self, store, master_key, path=None):
+        """The plaintext block device on the data file ``store``, on the export's
+        queueing layer ``path`` (default: a new one), which gets the key for its
+        worker processes."""
         if self.payload_offset == 0 and self.file_id is not None and self.file_id == store.file_id():
             raise FormatError(f"{self.name}: data offset 0 means a detached header, "
                               f"but this header is in the data file; give the data file and --header")
-        return Volume(store, self.payload_cipher(master_key), self.payload_offset,
-                      self.payload_size(store.size()))
+        volume = Volume(store, self.payload_cipher(master_key), self.payload_offset,
+                        self.payload_size(store.size()), path)
+        volume.path.register(volume.cipher, master_key)
+        return volume
 
     def payload_size(self, data_size):
         """Plaintext bytes in a data file of ``data_size`` bytes (whole sectors)."""

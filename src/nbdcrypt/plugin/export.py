@@ -15,7 +15,7 @@ from ..formats import open_header
 from ..formats.qcow2.backing import backing_key_bytes, unlock_backing
 from .control_server import ControlServer
 from .metrics import MetricsServer
-from ..datapath.queueing import Settings
+from ..datapath.queueing import CryptPath, Settings
 from ..storage.store import StoreFile, is_uri, open_store
 
 PARAMETERS = {
@@ -67,13 +67,13 @@ class Export:
         with header_file(self.params["image"], self.params.get("header"), store) as f:
             header = open_header(f, self.params.get("header", self.params["image"]))
             key, backing_keys = self._master_keys(header, f)
+        path = CryptPath()  # one queueing layer for the image and its whole backing chain
         try:
             if getattr(header, "backing_file", None):
-                self.volume = header.open_volume(store, key, backing_keys=backing_keys,
+                self.volume = header.open_volume(store, key, path=path, backing_keys=backing_keys,
                                                  backing_dirs=self._backing_dirs())
             else:
-                self.volume = header.open_volume(store, key)
-            self.volume.path.allow_processes(key)  # worker processes get the key from the path
+                self.volume = header.open_volume(store, key, path=path)
         finally:
             wipe(key)
             wipe(backing_keys)

@@ -44,13 +44,15 @@ ZERO_CHUNK = 4 << 20
 
 class Qcow2Volume:
     """``size`` plaintext bytes; ``cipher`` is a SectorCipher (None: unencrypted);
-    ``backing`` has ``read(buf, offset)`` (None: unallocated clusters read as zeros)."""
+    ``backing`` has ``read(buf, offset)`` (None: unallocated clusters read as zeros);
+    ``path`` is the export's queueing layer, where data crypto runs (default: a new
+    one), shared with the backing chain."""
 
     sector_size = SECTOR_SIZE
 
-    def __init__(self, header, store, cipher, backing=None):
+    def __init__(self, header, store, cipher, backing=None, path=None):
         self.header, self.store, self.cipher, self.backing = header, store, cipher, backing
-        self.path = CryptPath(cipher, store)  # the queueing layer: where data crypto runs
+        self.path = CryptPath() if path is None else path
         self.name = header.name
         self.size = header.size
         self.readonly = store.readonly
@@ -129,7 +131,8 @@ class Qcow2Volume:
         self.store.flush()
 
     def close(self):
-        """Release the image and its backing chain (and their image locks)."""
+        """Release the image and its backing chain (and their image locks); the
+        queueing layer they share is closed by whichever closes first."""
         self.path.close()
         self.store.close()
         if self.backing is not None:
@@ -224,14 +227,14 @@ class Qcow2Volume:
     def _read_data(self, view, host, guest):
         lead, padded = (0, len(view)) if self.cipher is None else self._sectors(host, len(view))
         buf = view if padded == len(view) else bytearray(padded)
-        self.path.read(buf, host - lead, self._iv_sector(host - lead, guest - lead))
+        self.path.read(self.cipher, self.store, buf, host - lead, self._iv_sector(host - lead, guest - lead))
         if buf is not view:
             view[:] = memoryview(buf)[lead:lead + len(view)]
 
     def _write_data(self, data, host, guest):
         """Write plaintext in place; partial sectors are read, patched and re-encrypted."""
         if self.cipher is None:
-            self.path.write(data, host, None)
+            self.path.write(None, self.store, data, host, None)
             return
         lead, padded = self._sectors(host, len(data))
         buf = bytearray(padded)
@@ -241,7 +244,7 @@ class Qcow2Volume:
             tail = padded - SECTOR_SIZE
             self._read_data(memoryview(buf)[tail:], host - lead + tail, guest - lead + tail)
         buf[lead:lead + len(data)] = data
-        self.path.write(buf, host - lead, self._iv_sector(host - lead, guest - lead))
+        self.path.write(self.cipher, self.store, buf, host - lead, self._iv_sector(host - lead, guest - lead))
 
     def _decompress(self, m):
         data = bytearray(max(0, min(m.length, self.store.size() - m.host)))
@@ -295,7 +298,7 @@ class Qcow2Volume:
         tables = self._l2_tables_to_write(set(entries) | {c for c, _, _ in fills})
         hosts, allocated = self._allocate(tables, fills)
         for (cluster, plain, _), host in zip(fills, hosts):
-            self.path.write(plain, host, self._iv_sector(host, cluster * cs))
+            self.path.write(self.cipher, self.store, plain, host, self._iv_sector(host, cluster * cs))
             entries[cluster] = host | COPIED
         for piece in in_place:
             self._write_data(*piece)
