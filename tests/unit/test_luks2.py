@@ -366,6 +366,8 @@ def test_detached_header_in_the_data_file_is_refused(tmp_path):
     data = tmp_path / "data"
     data.write_bytes(bytes(8192))
     assert header.open_volume(FileStore(data, readonly=True), key).size == 8192
+    with pytest.raises(InputError, match="a backing key was given, but a LUKS image has no backing file"):
+        header.open_volume(FileStore(data, readonly=True), key, backing_keys=bytes(32))
 
 
 def test_binary_header_checks():

@@ -171,16 +171,19 @@ class Payload:
     without ``--offset``), so reading it checks only its own file; the payload is
     checked here, against the data file, before any of it is served."""
 
-    def open_volume(self, store, master_key, path=None):
-        """The plaintext block device on the data file ``store``, on the export's
-        queueing layer ``path`` (default: a new one), which gets the key for its
-        worker processes."""
+    def open_volume(self, store, key, path=None, backing_keys=b"", backing_dirs=()):
+        """The plaintext block device on the data file ``store`` with master key
+        ``key``, on the export's queueing layer ``path`` (default: a new one), which
+        gets the key for its worker processes.  The arguments are qcow2's: LUKS has
+        no backing file, so backing keys are refused and backing directories unused."""
+        if len(backing_keys):
+            raise InputError(f"{self.name}: a backing key was given, but a LUKS image has no backing file")
         if self.payload_offset == 0 and self.file_id is not None and self.file_id == store.file_id():
             raise FormatError(f"{self.name}: data offset 0 means a detached header, "
                               f"but this header is in the data file; give the data file and --header")
-        volume = Volume(store, self.payload_cipher(master_key), self.payload_offset,
+        volume = Volume(store, self.payload_cipher(key), self.payload_offset,
                         self.payload_size(store.size()), path)
-        volume.path.register(volume.cipher, master_key)
+        volume.path.register(volume.cipher, key)
         return volume
 
     def payload_size(self, data_size):

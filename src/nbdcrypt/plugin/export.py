@@ -69,11 +69,8 @@ class Export:
             key, backing_keys = self._master_keys(header, f)
         path = CryptPath()  # one queueing layer for the image and its whole backing chain
         try:
-            if getattr(header, "backing_file", None):
-                self.volume = header.open_volume(store, key, path=path, backing_keys=backing_keys,
-                                                 backing_dirs=self._backing_dirs())
-            else:
-                self.volume = header.open_volume(store, key, path=path)
+            self.volume = header.open_volume(store, key, path=path, backing_keys=backing_keys,
+                                             backing_dirs=self._backing_dirs())
         finally:
             wipe(key)
             wipe(backing_keys)

@@ -13,7 +13,7 @@ from nbdcrypt.storage.store import FileStore
 class Qcow2Image(Qcow2Header):
     """A qcow2 header that opens its volume (see :func:`open_qcow2`)."""
 
-    def open_volume(self, store, key=None, path=None, backing_keys=b"", backing_dirs=()):
+    def open_volume(self, store, key, path=None, backing_keys=b"", backing_dirs=()):
         return open_qcow2(self, store, key, path=path, backing_keys=backing_keys, backing_dirs=backing_dirs)
 
 
