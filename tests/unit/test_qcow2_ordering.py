@@ -83,14 +83,14 @@ FLUSH = "flush"
 
 
 class RecordingStore(FileStore):
-    """The real file store, logging each write as (offset, length) and each flush."""
+    """The real file store, logging each write as (offset, length, fua) and each flush."""
 
     def __init__(self, path):
         super().__init__(path)
         self.log = []
 
     def write(self, buf, offset, fua=False):
-        self.log.append((offset, memoryview(buf).nbytes))
+        self.log.append((offset, memoryview(buf).nbytes, fua))
         super().write(buf, offset, fua)
 
     def flush(self):
@@ -205,3 +205,19 @@ def test_dependent_writes_are_flushed_in_order(tmp_path, key_file, name, options
     result = run(["qemu-img", "compare"] + image_opts(image, key_file)[:2] + [
         "--image-opts", image_opts(image, key_file)[-1], image_opts(twin, key_file)[-1]], check=False)
     assert "Images are identical" in result.stdout, result.stdout + result.stderr
+
+
+def test_fua_overwrite_of_an_allocated_cluster_is_one_dsync_write(tmp_path, key_file):
+    """FUA as on LUKS: data in place goes down with RWF_DSYNC, and no flush follows;
+    a FUA write that allocates still flushes its metadata."""
+    image = qemu_create(tmp_path / "img.qcow2", key_file, 8 * MiB, cluster_size=4096)
+    allocated_l2_table(image, key_file)
+    volume, store = open_recorded(image)
+    volume.write(b"\x79" * 1000, 512, fua=True)
+    # Two sectors, read-modify-written: (length, fua) of each write, and the flushes.
+    assert [entry if entry == FLUSH else entry[1:] for entry in store.log] == [(1024, True)]
+    store.log.clear()
+    volume.write(b"\x7a" * 512, 64 * KiB, fua=True)
+    assert store.log[-1] == FLUSH
+    release_volumes()
+    qemu_io(image, key_file, "read -P 0x79 512 1000", "read -P 0x7a 64k 512")

@@ -10,7 +10,7 @@ from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import InputError, ReadOnlyError
 from nbdcrypt.storage.store import FileStore
-from nbdcrypt.datapath import volume as volume_module
+from nbdcrypt.datapath import sectors
 from nbdcrypt.datapath.volume import RangeLock, Volume
 
 OFFSET = 4096
@@ -148,7 +148,7 @@ def test_concurrent_writes_each_get_their_own_buffer(tmp_path):
 
 
 def test_requests_larger_than_a_kept_buffer(tmp_path, monkeypatch):
-    monkeypatch.setattr(volume_module, "KEEP_BUFFER", 4096)
+    monkeypatch.setattr(sectors, "KEEP_BUFFER", 4096)
     volume = make_volume(tmp_path / "img")
     model = bytearray(SIZE)
     volume.zero(SIZE, 0)
@@ -159,4 +159,4 @@ def test_requests_larger_than_a_kept_buffer(tmp_path, monkeypatch):
         buf = bytearray(length + 300)
         volume.read(buf, offset - 100 if offset >= 100 else offset)
         assert buf == model[max(0, offset - 100):][:length + 300]
-    assert all(len(b) <= 4096 for b in volume._buffers.idle)
+    assert all(len(b) <= 4096 for b in volume._io._buffers.idle)

@@ -1,29 +1,15 @@
 """The plaintext view of an encrypted payload.
 
-NBD requests arrive at any byte offset and length.  The cipher works on whole
-sectors, so each request is widened to the sectors it touches: reads decrypt the
-widened range and copy out the middle; writes that do not cover their first or
-last sector read, decrypt and patch those sectors before encrypting the whole
-range (read-modify-write).  A range lock keeps concurrent requests on the same
-sectors from interleaving: writes are exclusive, reads shared, so a read never
-sees a sector half-written and two partial writes never undo each other.
-
-nbdkit hands writes over in a read-only buffer and the cipher works in place, so
-a write is encrypted in a scratch buffer, borrowed from a pool for the request
-(a fresh MiB would cost page faults under the GIL on every request; and
-threading.local would not keep it: nbdkit's Python plugin runs every request in
-a new Python thread state).
+Requests are widened to whole sectors, partial ones read-modify-written
+(:mod:`.sectors`).  A range lock keeps concurrent requests on the same sectors
+from interleaving: writes are exclusive, reads shared, so a read never sees a
+sector half-written and two partial writes never undo each other.
 """
 
 import threading
 
 from .queueing import CryptPath
-
-# Write-zeroes is done by encrypting zeros (ciphertext of zeros is not zeros), in
-# chunks of this many bytes so a huge request does not allocate a huge buffer.
-ZERO_CHUNK = 4 << 20
-# Scratch buffers up to this size go back to the pool for the next request.
-KEEP_BUFFER = 1 << 20
+from .sectors import SectorIO, write_zeros
 
 
 class RangeLock:
@@ -85,42 +71,24 @@ class Volume:
         self.size = size
         self.readonly = store.readonly
         self._lock = RangeLock()
-        self._buffers = BufferPool(KEEP_BUFFER)
+        self._io = SectorIO(self.path, cipher, store, self.sector_size, payload_offset)
 
     def read(self, buf, offset):
         """Decrypt ``len(buf)`` bytes at ``offset`` into the writable buffer ``buf``."""
-        start, end = self._widen(offset, len(buf))
-        with self.path.request("read", len(buf)), self._lock(start, end, exclusive=False):
-            if (start, end) == (offset, offset + len(buf)):
-                self._read_sectors(buf, start)
-            else:
-                with self._buffers.lend(end - start) as plain:
-                    self._read_sectors(plain, start)
-                    memoryview(buf)[:] = plain[offset - start:offset - start + len(buf)]
+        at = self.payload_offset + offset
+        with self.path.request("read", len(buf)), self._lock(*self._io.widen(at, len(buf)), exclusive=False):
+            self._io.read(buf, at, offset // self.sector_size)
 
     def write(self, data, offset, fua=False):
         """Encrypt and store ``data`` at ``offset``."""
-        start, end = self._widen(offset, len(data))
-        with self.path.request("write", len(data)), self._lock(start, end, exclusive=True), \
-                self._buffers.lend(end - start) as plain:
-            ss = self.sector_size
-            # Partial first and last sectors: read-modify-write.
-            if offset != start:
-                self._read_sectors(plain[:ss], start)
-            if offset + len(data) != end and end - ss >= offset:
-                self._read_sectors(plain[-ss:], end - ss)
-            plain[offset - start:offset - start + len(data)] = data
-            self.path.write(self.cipher, self.store, plain, self.payload_offset + start, start // ss, fua)
+        at = self.payload_offset + offset
+        with self.path.request("write", len(data)), self._lock(*self._io.widen(at, len(data)), exclusive=True):
+            self._io.write(data, at, offset // self.sector_size, fua)
 
     def zero(self, count, offset, fua=False):
         """Write zeros: one request, done in bounded chunks."""
-        zeros = memoryview(bytes(min(count, ZERO_CHUNK)))
-        end = offset + count
         with self.path.request("write", count):
-            while offset < end:
-                n = min(len(zeros), end - offset)
-                self.write(zeros[:n], offset, fua)
-                offset += n
+            write_zeros(self.write, offset, count, fua)
 
     def flush(self):
         # Every acknowledged write has already reached the store (requests wait).
@@ -136,44 +104,3 @@ class Volume:
 
     def __exit__(self, *exc):
         self.close()
-
-    def _widen(self, offset, length):
-        ss = self.sector_size
-        return offset // ss * ss, -(-(offset + length) // ss) * ss
-
-    def _read_sectors(self, buf, start):
-        self.path.read(self.cipher, self.store, buf, self.payload_offset + start, start // self.sector_size)
-
-
-class BufferPool:
-    """Scratch buffers lent to one request at a time: ``with pool.lend(n) as view:``
-    gives a writable memoryview of n bytes.  Buffers of up to ``keep`` bytes go back
-    to the pool (as many as requests ran at once), larger ones are freed."""
-
-    def __init__(self, keep):
-        self.keep = keep
-        self.idle = []
-
-    def lend(self, nbytes):
-        return _Lent(self, nbytes)
-
-
-class _Lent:
-    __slots__ = ("_pool", "_nbytes", "_buffer")
-
-    def __init__(self, pool, nbytes):
-        self._pool, self._nbytes = pool, nbytes
-
-    def __enter__(self):
-        try:
-            buffer = self._pool.idle.pop()  # atomic: no lock needed
-        except IndexError:
-            buffer = b""
-        if len(buffer) < self._nbytes:
-            buffer = bytearray(self._nbytes)
-        self._buffer = buffer
-        return memoryview(buffer)[:self._nbytes]
-
-    def __exit__(self, *exc):
-        if len(self._buffer) <= self._pool.keep:
-            self._pool.idle.append(self._buffer)

@@ -16,6 +16,9 @@ through :meth:`Qcow2Volume._rewrite` under one metadata lock, in crash-safe orde
    regions), then write L2 entries and the L1 entries of new tables;
 4. flush, then drop the references the old mappings held.
 
+FUA as on LUKS: a write in place makes its data durable by itself (RWF_DSYNC on the
+data write, no flush); a write that changed metadata is followed by a flush.
+
 Discard (trim) and write-zeroes of whole clusters take the same path with no data:
 their L2 entries change, are flushed, and only then do the host clusters they held
 lose a reference (freed at 0; a snapshot's cluster just loses the active image's).
@@ -36,10 +39,10 @@ from nbdcrypt.formats.qcow2.refcounts import Refcounts
 from nbdcrypt.formats.qcow2.tables import (
     COMPRESSED_DATA, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN, Mapping, Tables)
 from nbdcrypt.datapath.queueing import CryptPath
+from nbdcrypt.datapath.sectors import SectorIO, write_zeros
 from nbdcrypt.datapath.volume import RangeLock
 
 EXTENT_HOLE, EXTENT_ZERO = 1, 2
-ZERO_CHUNK = 4 << 20
 
 
 class Qcow2Volume:
@@ -64,6 +67,7 @@ class Qcow2Volume:
         self._refcounts = Refcounts(header, store, file_size, self._metadata)
         self._meta = threading.Lock()
         self._ranges = RangeLock()
+        self._io = SectorIO(self.path, cipher, store, SECTOR_SIZE)
         if not self.readonly:
             self._open_for_writing()
 
@@ -93,13 +97,14 @@ class Qcow2Volume:
                 self._ranges(*self._clusters_around(offset, len(data)), exclusive=True):
             runs = self._runs(offset, len(data))
             if all(m.kind == NORMAL and m.copied for _, _, m in runs):
+                # Data in place, no metadata: FUA is the data write's own (RWF_DSYNC).
                 for guest, length, m in runs:
-                    self._write_data(data[guest - offset:guest - offset + length], m.host, guest)
-            else:
-                with self._meta:
-                    self._rewrite(offset, len(data), data)
+                    self._write_data(data[guest - offset:guest - offset + length], m.host, guest, fua)
+                return
+            with self._meta:
+                self._rewrite(offset, len(data), data)
         if fua:
-            self.store.flush()
+            self.store.flush()  # the data and the metadata that points at it
 
     def zero(self, count, offset, fua=False):
         """Write zeros; whole clusters of a v3 image become zero clusters (no data written)."""
@@ -107,12 +112,12 @@ class Qcow2Volume:
         end = offset + count
         first, last = self._whole_clusters(offset, end) if self.header.version >= 3 else (end, end)
         with self.path.request("write", count):
-            self._write_zeros(offset, first - offset)
+            write_zeros(self.write, offset, first - offset, fua)
             if first < last:
                 with self._ranges(first, last, exclusive=True), self._meta:
                     self._rewrite(first, last - first, None)
-            self._write_zeros(last, end - last)
-        if fua:
+            write_zeros(self.write, last, end - last, fua)
+        if fua and first < last:
             self.store.flush()
 
     def trim(self, count, offset, fua=False):
@@ -216,45 +221,20 @@ class Qcow2Volume:
             view[:] = bytes(len(view))
 
     def _iv_sector(self, host, guest):
-        """QEMU: LUKS IVs count host sectors, legacy AES IVs guest sectors."""
+        """The IV sector of the sector holding ``host`` (guest offset ``guest``): QEMU's
+        LUKS IVs count host sectors, legacy AES IVs guest sectors."""
         return (host if self._iv_by_host else guest) // SECTOR_SIZE
 
-    def _sectors(self, host, length):
-        """(lead, padded length): the request widened to whole sectors."""
-        lead = host % SECTOR_SIZE
-        return lead, -(-(lead + length) // SECTOR_SIZE) * SECTOR_SIZE
-
     def _read_data(self, view, host, guest):
-        lead, padded = (0, len(view)) if self.cipher is None else self._sectors(host, len(view))
-        buf = view if padded == len(view) else bytearray(padded)
-        self.path.read(self.cipher, self.store, buf, host - lead, self._iv_sector(host - lead, guest - lead))
-        if buf is not view:
-            view[:] = memoryview(buf)[lead:lead + len(view)]
+        self._io.read(view, host, self._iv_sector(host, guest))
 
-    def _write_data(self, data, host, guest):
-        """Write plaintext in place; partial sectors are read, patched and re-encrypted."""
-        if self.cipher is None:
-            self.path.write(None, self.store, data, host, None)
-            return
-        lead, padded = self._sectors(host, len(data))
-        buf = bytearray(padded)
-        if lead:
-            self._read_data(memoryview(buf)[:SECTOR_SIZE], host - lead, guest - lead)
-        if (lead + len(data)) % SECTOR_SIZE and (padded > SECTOR_SIZE or not lead):
-            tail = padded - SECTOR_SIZE
-            self._read_data(memoryview(buf)[tail:], host - lead + tail, guest - lead + tail)
-        buf[lead:lead + len(data)] = data
-        self.path.write(self.cipher, self.store, buf, host - lead, self._iv_sector(host - lead, guest - lead))
+    def _write_data(self, data, host, guest, fua=False):
+        self._io.write(data, host, self._iv_sector(host, guest), fua)
 
     def _decompress(self, m):
         data = bytearray(max(0, min(m.length, self.store.size() - m.host)))
         self.store.read_into(data, m.host)
         return decompress(data, self._cs, self.header.compression_type, self.name)
-
-    def _write_zeros(self, offset, count):
-        zeros = bytes(min(count, ZERO_CHUNK))
-        for pos in range(offset, offset + count, ZERO_CHUNK):
-            self.write(memoryview(zeros)[:min(ZERO_CHUNK, offset + count - pos)], pos)
 
     def _check_writable(self):
         if self.readonly:
