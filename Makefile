@@ -13,13 +13,18 @@ APT_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin fio qemu-u
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test bench install deps venv clean
+.PHONY: run test lint bench install deps venv clean
 
 run: deps venv
 	@scripts/demo "$(STATE)"
 
-test: deps venv
+test: deps venv lint
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# ruff (style and likely bugs) and mypy (types, including the Protocol contracts).
+lint: venv
+	$(PYTHON) -m ruff check src tests bench setup.py
+	$(PYTHON) -m mypy
 
 # nbdcrypt against its peers, one run: docs/benchmarks.md
 bench: deps venv

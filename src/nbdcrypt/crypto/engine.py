@@ -55,7 +55,7 @@ _MASK128 = (1 << 128) - 1
 class SectorCipher:
     """Encrypts/decrypts whole requests (many consecutive sectors) in place."""
 
-    def __init__(self, spec: CipherSpec, key: bytes, sector_size: int = 512,
+    def __init__(self, spec: CipherSpec, key: bytes | bytearray, sector_size: int = 512,
                  iv_large_sectors: bool = False, iv_tweak: int = 0, engine: str | None = None):
         spec.check_key_size(len(key))
         # Contexts are made lazily per thread from this one locked copy (the cipher
@@ -76,11 +76,11 @@ class SectorCipher:
         self.engine = "native" if kernel else "numpy"
         if kernel:
             # The kernel's own methods: no Python frame between a request and the C code.
-            self.encrypt, self.decrypt = kernel.encrypt, kernel.decrypt
+            self.encrypt, self.decrypt = kernel.encrypt, kernel.decrypt  # type: ignore[method-assign]
             return
         self._ivgen = _IvGenerator(spec, key)
         self._mode = _MODES[spec.mode](spec.cipher, key, sector_size)
-        self._idle = []  # _ThreadStates no call is using
+        self._idle: list[_ThreadState] = []  # states no call is using
 
     def encrypt(self, buf, sector: int) -> None:
         self._apply(buf, sector, encrypt=True)
@@ -189,7 +189,7 @@ class _BotanContext:
 
 def _each_sector(state, aes, mode, blocks, ivs, encrypt):
     """One cryptography context per sector: cheapest when there are few sectors."""
-    for sector, iv in zip(blocks, ivs):
+    for sector, iv in zip(blocks, ivs, strict=True):
         cipher = Cipher(aes, mode(iv.tobytes()))
         sector[...] = state.run(cipher.encryptor() if encrypt else cipher.decryptor(),
                                 sector, "out")
@@ -468,6 +468,6 @@ def _spread(lanes, starts, masks):
     np.bitwise_or(acc, hi, out=masks[..., 1])
     np.left_shift(lo, k, out=acc)
     np.bitwise_xor(acc, carry, out=acc)
-    for fold, out in zip(_FOLDS, (acc, acc, masks[..., 0])):
+    for fold, out in zip(_FOLDS, (acc, acc, masks[..., 0]), strict=True):
         np.left_shift(carry, fold, out=lo)
         np.bitwise_xor(acc, lo, out=out)

@@ -10,8 +10,11 @@ import os
 
 from nbdcrypt.errors import UnsupportedError
 
+Kernel: "type[_sector.Kernel] | None"
 try:
-    from nbdcrypt.crypto._sector import Kernel
+    from nbdcrypt.crypto import _sector
+
+    Kernel = _sector.Kernel
 except ImportError:
     Kernel = None
 

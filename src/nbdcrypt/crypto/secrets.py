@@ -24,7 +24,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 for _call in (_libc.mlock, _libc.munlock):
     _call.argtypes, _call.restype = (ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
 
-_locked = Counter()  # page address -> secrets on that page
+_locked: Counter[int] = Counter()  # page address -> secrets on that page
 _guard = threading.RLock()  # a Secret freed by the garbage collector may come back in
 _warned = False
 
