@@ -13,14 +13,13 @@ from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import InputError
 from nbdcrypt.plugin.metrics import render
-from nbdcrypt.datapath.queueing import Settings
+from nbdcrypt.datapath.settings import PERF_FLAGS, Settings
 from nbdcrypt.datapath.stats import BUCKETS_US, Timing
 from nbdcrypt.storage.store import FileStore
 from nbdcrypt.datapath.throttle import Throttle
 from nbdcrypt.datapath.volume import Volume
 from nbdcrypt.datapath.workers import SLOT, CipherRecipe, ProcessWorkers
 
-FLAGS = ("no_read_workqueue", "no_write_workqueue", "same_cpu_crypt", "submit_from_crypt_cpus")
 SIZE = 1 << 20
 KEY = bytes(range(64))
 
@@ -57,7 +56,8 @@ PROCESS_PATHS = [dict(worker_type="process", workers=2), dict(worker_type="proce
                  dict(worker_type="process", submit_from_crypt_cpus=True)]
 
 
-@pytest.mark.parametrize("flags", [dict(zip(FLAGS, bits)) for bits in itertools.product([False, True], repeat=4)]
+@pytest.mark.parametrize("flags", [dict(zip(PERF_FLAGS, bits, strict=True))
+                                   for bits in itertools.product([False, True], repeat=4)]
                          + PROCESS_PATHS,
                          ids=lambda f: "+".join(k if v is True else f"{k}={v}" for k, v in f.items() if v)
                          or "dm-crypt-defaults")
@@ -84,7 +84,7 @@ def test_switching_while_busy_loses_nothing(tmp_path):
         for bits in itertools.cycle(itertools.product([False, True], repeat=4)):
             if stop.is_set():
                 return
-            volume.path.configure({**dict(zip(FLAGS, bits)), "workers": 1 + bits[0] + bits[3]})
+            volume.path.configure({**dict(zip(PERF_FLAGS, bits, strict=True)), "workers": 1 + bits[0] + bits[3]})
             time.sleep(0.001)
 
     def writer(lane):

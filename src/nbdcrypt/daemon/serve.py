@@ -29,9 +29,9 @@ from ..formats.qcow2 import Qcow2Header
 from ..plugin.export import header_file, unlock_all
 from ..plugin.control_server import remove_stale_socket
 from ..plugin.metrics import absolute_address, parse_address
-from ..datapath.queueing import Settings
+from ..datapath.settings import SETTINGS, Settings
 from ..storage.store import is_uri, open_store
-from . import config, ctl, keys
+from . import config, keys
 from .headers import read_header
 from .listener import choose_listener
 from .notify import Notifier
@@ -85,10 +85,9 @@ def _clear_socket_paths(args):
 
 def queueing_settings(args):
     """The queueing layer's settings given as options (checked, so a typo is a usage error)."""
-    settings = {flag: "on" for flag in ctl.PERF_FLAGS if getattr(args, flag)}
-    for name in ("workers", "worker_type", "throttle_bps", "throttle_ops"):
-        if getattr(args, name) is not None:
-            settings[name] = str(getattr(args, name))
+    given = {s.name: getattr(args, s.name) for s in SETTINGS}
+    settings = {name: "on" if value is True else str(value)
+                for name, value in given.items() if value is not None and value is not False}
     Settings().updated(settings)
     return settings
 

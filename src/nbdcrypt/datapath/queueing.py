@@ -21,14 +21,14 @@ or drops.  Workers are threads by default, or processes (``worker_type``):
 """
 
 import ctypes
-import os
 import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 from ..errors import InputError
+from .settings import Settings
 from .stats import Stats, Timing
 from .throttle import Throttle
 from .workers import CipherRecipe, ProcessWorkers, ThreadWorkers
@@ -43,61 +43,6 @@ def current_cpu():
 class Request(NamedTuple):
     settings: "Settings"  # as they were when the request started
     timing: "Timing"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that can change at runtime; names as cryptsetup spells the flags."""
-
-    no_read_workqueue: bool = False
-    no_write_workqueue: bool = False
-    same_cpu_crypt: bool = False
-    submit_from_crypt_cpus: bool = False
-    throttle_bps: int = 0  # bytes per second over both directions; 0 = unlimited
-    throttle_ops: int = 0  # requests per second; 0 = unlimited
-    workers: int = os.cpu_count() or 1  # size of the shared crypt pool
-    worker_type: str = "thread"  # or "process"
-
-    def mode(self, direction):
-        inline = self.no_read_workqueue if direction == "read" else self.no_write_workqueue
-        return "inline" if inline else "queued"
-
-    def updated(self, changes):
-        """A copy with ``changes`` (name -> str or value) applied; InputError on bad ones."""
-        types = {f.name: f.type for f in fields(self)}
-        parsed = {}
-        for name, value in changes.items():
-            if name not in types:
-                raise InputError(f"unknown setting {name}; known: {', '.join(types)}")
-            parsed[name] = _parse(name, value, types[name])
-        return replace(self, **parsed)
-
-
-CHOICES = {"worker_type": ("thread", "process")}
-
-
-def _parse(name, value, kind):
-    if kind is str:
-        if value not in CHOICES[name]:
-            raise InputError(f"{name} takes {' or '.join(CHOICES[name])}, not {value!r}")
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if kind is bool:
-            if text in ("1", "true", "on", "yes"):
-                return True
-            if text in ("0", "false", "off", "no"):
-                return False
-            raise InputError(f"{name} takes on/off, not {value!r}")
-        try:
-            value = int(text)
-        except ValueError:
-            raise InputError(f"{name} takes a whole number, not {value!r}") from None
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise InputError(f"{name} takes a whole number >= 0, not {value!r}")
-    if kind is bool and not isinstance(value, bool):
-        raise InputError(f"{name} takes on/off, not {value!r}")
-    return value
 
 
 class _Current(threading.local):

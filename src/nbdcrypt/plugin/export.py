@@ -7,7 +7,6 @@ also accepts ``key-file=PATH`` holding the passphrase.
 """
 
 import os
-from dataclasses import fields
 
 from ..crypto.secrets import MAX_KEY_FILE, Secret, joined, read_secret, wipe
 from ..errors import InputError
@@ -15,7 +14,8 @@ from ..formats import open_header
 from ..formats.qcow2.backing import backing_key_bytes, unlock_backing
 from .control_server import ControlServer
 from .metrics import MetricsServer
-from ..datapath.queueing import CryptPath, Settings
+from ..datapath.queueing import CryptPath
+from ..datapath.settings import SETTINGS
 from ..storage.store import StoreFile, is_uri, open_store
 
 PARAMETERS = {
@@ -30,7 +30,7 @@ PARAMETERS = {
     "readonly": "true to open the image read-only",
     "control": "Unix socket for runtime control and statistics (nbdcrypt ctl)",
     "metrics": "Prometheus metrics over HTTP: a Unix socket PATH, a PORT on 127.0.0.1, or HOST:PORT",
-    **{f.name: "queueing layer setting (see nbdcrypt.datapath.queueing)" for f in fields(Settings)},
+    **{s.name: f"{s.help} ({s.values})" for s in SETTINGS},
 }
 REPEATABLE = ("backing-key-file", "backing-dir")
 
@@ -74,7 +74,7 @@ class Export:
         finally:
             wipe(key)
             wipe(backing_keys)
-        settings = {f.name: self.params[f.name] for f in fields(Settings) if f.name in self.params}
+        settings = {s.name: self.params[s.name] for s in SETTINGS if s.name in self.params}
         self.volume.path.configure(settings)
         if "metrics" in self.params:
             self.metrics = MetricsServer(self.params["metrics"], self.volume.path)
