@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdcrypt.daemon.ctl import PERF_FLAGS, request
+from nbdcrypt.daemon.ctl import request
+from nbdcrypt.datapath.settings import PERF_FLAGS
 from tests.conftest import serving
 from tests.tools import nbdcrypt_cmd, require, run
 
@@ -31,7 +32,7 @@ def test_fio_verify_while_flags_flip_every_100ms(image, key_file, tmp_path):
             for bits in itertools.cycle(itertools.product(["off", "on"], repeat=4)):
                 if stop.wait(0.1):
                     return
-                request(control, "set", {**dict(zip(PERF_FLAGS, bits)), "workers": 1 + len(flips) % 3})
+                request(control, "set", {**dict(zip(PERF_FLAGS, bits, strict=True)), "workers": 1 + len(flips) % 3})
                 flips.append(bits)
 
         request(control, "reset-stats")

@@ -12,6 +12,7 @@ import sys
 
 from .. import __version__
 from ..crypto import native
+from ..datapath.settings import SETTINGS
 from ..errors import InputError, NbdcryptError
 from ..formats.luks_common import create_file
 from . import config, ctl, keys
@@ -191,27 +192,13 @@ def add_backing_dir_option(parser):
 def add_queueing_options(parser):
     group = parser.add_argument_group(
         "queueing layer (dm-crypt's flags; all off = crypto on worker threads, sorted writer)")
-    for flag in ctl.PERF_FLAGS:
-        group.add_argument(f"--perf-{flag}", action="store_true", dest=flag,
-                           help=PERF_HELP[flag])
-    group.add_argument("--workers", type=int, metavar="N", help="crypt workers (default: CPUs)")
-    group.add_argument("--worker-type", choices=["thread", "process"],
-                       help="crypt workers are threads of nbdkit (default) or worker processes")
-    group.add_argument("--throttle-bps", type=int, metavar="BYTES", help="limit to BYTES per second")
-    group.add_argument("--throttle-ops", type=int, metavar="N", help="limit to N requests per second")
+    for setting in SETTINGS:
+        ctl.add_setting_option(group, setting)
     group.add_argument("--control", metavar="PATH",
                        help="control socket for `nbdcrypt ctl` (statistics, live changes)")
     group.add_argument("--metrics", metavar="PATH|PORT",
                        help="serve Prometheus metrics (HTTP GET /metrics) on a Unix socket PATH, "
                             "on 127.0.0.1:PORT, or on HOST:PORT")
-
-
-PERF_HELP = {
-    "no_read_workqueue": "decrypt reads in the request thread instead of a worker",
-    "no_write_workqueue": "encrypt and write in the request thread instead of a worker",
-    "same_cpu_crypt": "queued crypto runs on the worker pinned to the submitting CPU",
-    "submit_from_crypt_cpus": "workers write their own requests instead of the sorting writer thread",
-}
 
 
 def run_serve(args):

@@ -1,13 +1,13 @@
 """``nbdcrypt ctl SOCKET ...``: talk to a running export's control endpoint."""
 
+import argparse
 import json
 import socket
+import textwrap
 
 from ..control import MAX_LINE, ControlError, decode_reply, encode_request
+from ..datapath.settings import BY_NAME, PERF_FLAGS, SETTINGS, Settings
 from ..errors import InputError
-
-# The dm-crypt performance flags, as cryptsetup's --perf-* options name them.
-PERF_FLAGS = ("no_read_workqueue", "no_write_workqueue", "same_cpu_crypt", "submit_from_crypt_cpus")
 
 
 def add_parser(commands):
@@ -21,16 +21,32 @@ def add_parser(commands):
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--reset", action="store_true", help="zero the statistics after reading them")
     change = actions.add_parser("set", help="change settings: NAME=VALUE ...",
-                                description="Settings: " + ", ".join(PERF_FLAGS) +
-                                            " (on/off), workers, worker_type (thread/process), throttle_bps, "
-                                            "throttle_ops (0 = off).")
+                                description="Change settings; requests that start afterwards use them.",
+                                epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     change.add_argument("pairs", nargs="+", metavar="NAME=VALUE")
     refresh = actions.add_parser(
         "refresh", help="set the four performance flags at once, as cryptsetup refresh does",
         description="Flags given are turned on, the others off (cryptsetup refresh semantics).")
     for flag in PERF_FLAGS:
-        refresh.add_argument(f"--perf-{flag}", action="store_true", dest=flag)
+        add_setting_option(refresh, BY_NAME[flag])
     ctl.set_defaults(run=run)
+
+
+def add_setting_option(parser, setting):
+    """``setting`` as serve's option: a flag for dm-crypt's, else an option taking a value."""
+    if setting.kind is bool:
+        parser.add_argument(setting.option, action="store_true", dest=setting.name, help=setting.help)
+    else:
+        parser.add_argument(setting.option, dest=setting.name, type=setting.kind, help=setting.help,
+                            metavar=setting.metavar, choices=setting.choices or None)
+
+
+def settings_help():
+    lines = ["settings:"]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.name}={setting.values}")
+        lines.append(textwrap.fill(setting.help, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
 
 
 def run(args):
@@ -41,7 +57,9 @@ def run(args):
         print(json.dumps(result, indent=2) if args.json else format_stats(result))
         return 0
     if args.action == "set":
-        result = request(args.socket, "set", parse_pairs(args.pairs))
+        changes = parse_pairs(args.pairs)
+        Settings().updated(changes)  # a typo is a usage error before the socket is reached
+        result = request(args.socket, "set", changes)
     elif args.action == "refresh":
         result = request(args.socket, "set", {flag: getattr(args, flag) for flag in PERF_FLAGS})
     else:
