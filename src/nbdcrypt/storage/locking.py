@@ -19,7 +19,7 @@ PERMISSIONS = {0: "consistent read", 1: "write", 3: "resize"}
 _FLOCK = "hh4xqqi4x"  # struct flock on 64-bit Linux: type, whence, start, len, pid
 
 
-def lock_image(fd, path, readonly):
+def lock_image(fd: int, path: str, readonly: bool) -> None:
     """Take QEMU-style locks on ``fd``, or raise InputError naming the conflict.
     The locks last as long as the open file description."""
     held = {0} if readonly else {0, 1}
@@ -35,12 +35,12 @@ def lock_image(fd, path, readonly):
         _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
 
 
-def _conflicts(fd, byte):
+def _conflicts(fd: int, byte: int) -> bool:
     """Would an exclusive lock on ``byte`` conflict with another process's lock?"""
     return _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
 
 
-def _flock(fd, command, kind, byte):
+def _flock(fd: int, command: int, kind: int, byte: int) -> int:
     try:
         result = fcntl.fcntl(fd, command, struct.pack(_FLOCK, kind, 0, byte, 1, 0))
     except OSError as e:
