@@ -19,6 +19,7 @@ from collections import Counter
 PR_SET_DUMPABLE = 4
 MAX_KEY_FILE = 8 << 20  # cryptsetup's default keyfile size limit
 PAGE = mmap.PAGESIZE
+MCL_CURRENT = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 for _call in (_libc.mlock, _libc.munlock):
@@ -100,6 +101,15 @@ def _grown(buf, size):
     bigger[:len(buf)] = buf
     wipe(buf)
     return bigger
+
+
+def lock_all_memory():
+    """Lock every page this process has now (mlockall MCL_CURRENT), for a process whose
+    key material sits where no :class:`Secret` reaches: a crypt worker, whose ciphers'
+    key schedules live in OpenSSL's heap.  Not MCL_FUTURE: under a small RLIMIT_MEMLOCK
+    that would make later allocations fail instead of one line saying so."""
+    if _libc.mlockall(MCL_CURRENT) != 0:
+        _cannot_lock(ctypes.get_errno())
 
 
 def _lock_pages(buf):

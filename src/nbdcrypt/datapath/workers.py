@@ -38,7 +38,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..crypto.secrets import Secret, protect_process, wipe
+from ..crypto.secrets import Secret, lock_all_memory, protect_process, wipe
 from ..crypto.engine import SectorCipher
 from ..crypto.spec import CipherSpec
 from ..errors import NbdcryptError, StoreError, UnsupportedError
@@ -385,6 +385,7 @@ def main(sock_fd, slot_fd, parent):
     except Exception as e:  # reported to the plugin, which reports it
         _answer(sock, False, error=e)
         return 1
+    lock_all_memory()  # the ciphers' key schedules, wherever OpenSSL put them
     _answer(sock, True)
     while request := sock.recv(_MAX_MESSAGE):
         encrypt, index, length, sector = _REQUEST.unpack(request)
