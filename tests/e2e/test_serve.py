@@ -78,6 +78,7 @@ def test_export_geometry(image, key_file, nbd_handle):
         assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
         assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096
         assert h.can_multi_conn() and h.can_flush() and h.can_fua() and h.can_zero()
+        assert not h.can_trim()  # declared by the LUKS volume: nothing to discard
         assert not h.is_read_only()
 
 

@@ -7,7 +7,9 @@ sector half-written and two partial writes never undo each other.
 """
 
 import threading
+from typing import NoReturn
 
+from ..errors import UnsupportedError
 from .queueing import CryptPath
 from .sectors import SectorIO, write_zeros
 
@@ -63,6 +65,9 @@ class Volume:
     the crypto and I/O.
     """
 
+    can_trim = False  # a LUKS payload has nothing to free
+    can_extents = False  # nor any holes: it is all data
+
     def __init__(self, store, cipher, payload_offset, size, path=None):
         self.store, self.cipher = store, cipher
         self.path = CryptPath() if path is None else path
@@ -89,6 +94,12 @@ class Volume:
         """Write zeros: one request, done in bounded chunks."""
         with self.path.request("write", count):
             write_zeros(self.write, offset, count, fua)
+
+    def trim(self, count: int, offset: int, fua: bool = False) -> NoReturn:
+        raise UnsupportedError("a LUKS payload cannot discard")
+
+    def extents(self, count: int, offset: int) -> NoReturn:
+        raise UnsupportedError("a LUKS payload has no extents but data")
 
     def flush(self):
         # Every acknowledged write has already reached the store (requests wait).

@@ -31,16 +31,25 @@ import threading
 
 import numpy as np
 
+from nbdcrypt.datapath.queueing import CryptPath
+from nbdcrypt.datapath.sectors import SectorIO, write_zeros
+from nbdcrypt.datapath.volume import RangeLock
 from nbdcrypt.errors import FormatError, ReadOnlyError, UnsupportedError
 from nbdcrypt.formats.qcow2.compress import decompress
 from nbdcrypt.formats.qcow2.header import AUTOCLEAR_OFFSET, CRYPT_LUKS, SECTOR_SIZE
 from nbdcrypt.formats.qcow2.metadata import Metadata
 from nbdcrypt.formats.qcow2.refcounts import Refcounts
 from nbdcrypt.formats.qcow2.tables import (
-    COMPRESSED_DATA, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN, Mapping, Tables)
-from nbdcrypt.datapath.queueing import CryptPath
-from nbdcrypt.datapath.sectors import SectorIO, write_zeros
-from nbdcrypt.datapath.volume import RangeLock
+    COMPRESSED_DATA,
+    COPIED,
+    NORMAL,
+    UNALLOCATED,
+    ZERO,
+    ZERO_ALLOC,
+    ZERO_PLAIN,
+    Mapping,
+    Tables,
+)
 
 EXTENT_HOLE, EXTENT_ZERO = 1, 2
 
@@ -52,6 +61,8 @@ class Qcow2Volume:
     one), shared with the backing chain."""
 
     sector_size = SECTOR_SIZE
+    can_trim = True  # discarded clusters are freed
+    can_extents = True  # holes and zero clusters are known
 
     def __init__(self, header, store, cipher, backing=None, path=None):
         self.header, self.store, self.cipher, self.backing = header, store, cipher, backing
@@ -277,7 +288,7 @@ class Qcow2Volume:
         self._refcounts.check_release(dropped)  # a corrupt refcount: fail before any write
         tables = self._l2_tables_to_write(set(entries) | {c for c, _, _ in fills})
         hosts, allocated = self._allocate(tables, fills)
-        for (cluster, plain, _), host in zip(fills, hosts):
+        for (cluster, plain, _), host in zip(fills, hosts, strict=True):
             self.path.write(self.cipher, self.store, plain, host, self._iv_sector(host, cluster * cs))
             entries[cluster] = host | COPIED
         for piece in in_place:
