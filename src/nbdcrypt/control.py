@@ -9,6 +9,7 @@ One JSON object per line each way:
 """
 
 import json
+from typing import Any
 
 from .errors import InputError
 
@@ -20,16 +21,18 @@ COMMANDS = {
 }
 MAX_LINE = 64 << 10
 
+JsonObject = dict[str, Any]
+
 
 class ControlError(InputError):
     """A malformed request or reply, or an error reported by the other side."""
 
 
-def encode_request(command, args=None):
+def encode_request(command: str, args: JsonObject | None = None) -> bytes:
     return _line({"command": command, "args": args or {}})
 
 
-def decode_request(line):
+def decode_request(line: bytes) -> tuple[str, JsonObject]:
     """``(command, args)`` from one request line; ControlError if malformed."""
     message = _parse(line, "request")
     command, args = message.get("command"), message.get("args", {})
@@ -40,11 +43,11 @@ def decode_request(line):
     return command, args
 
 
-def encode_reply(result=None, error=None):
+def encode_reply(result: Any = None, error: str | None = None) -> bytes:
     return _line({"ok": False, "error": error} if error else {"ok": True, "result": result})
 
 
-def decode_reply(line):
+def decode_reply(line: bytes) -> Any:
     """The result of a reply line; ControlError carrying the server's error otherwise."""
     message = _parse(line, "reply")
     if message.get("ok") is True:
@@ -52,11 +55,11 @@ def decode_reply(line):
     raise ControlError(str(message.get("error", "malformed reply")))
 
 
-def _line(message):
+def _line(message: JsonObject) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def _parse(line, what):
+def _parse(line: bytes, what: str) -> JsonObject:
     if len(line) > MAX_LINE:
         raise ControlError(f"{what} longer than {MAX_LINE} bytes")
     try:

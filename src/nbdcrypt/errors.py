@@ -17,7 +17,7 @@ class NbdcryptError(Exception):
     errno = _errno.EIO
     exit_status = 1
 
-    def __init__(self, message=""):
+    def __init__(self, message: object = "") -> None:
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
@@ -56,6 +56,6 @@ class ReadOnlyError(InputError):
 class StoreError(NbdcryptError):
     """The backing store failed an I/O operation; ``errno`` is the store's own."""
 
-    def __init__(self, message, errno=_errno.EIO):
+    def __init__(self, message: object, errno: int = _errno.EIO) -> None:
         super().__init__(message)
         self.errno = errno

@@ -126,7 +126,7 @@ class FileStore:
         try:
             return call(self._fd, *args)
         except OSError as e:
-            raise StoreError(f"{self.path}: {e.strerror}", e.errno) from None
+            raise StoreError(f"{self.path}: {e.strerror}", e.errno or errno.EIO) from None
 
 
 class NbdStore:
