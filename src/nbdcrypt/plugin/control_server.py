@@ -10,27 +10,32 @@ import socket
 import stat
 import struct
 import threading
+from collections.abc import Callable
 
-from ..control import MAX_LINE, ControlError, decode_request, encode_reply
+from ..control import MAX_LINE, ControlError, JsonObject, decode_request, encode_reply
+from ..datapath.queueing import CryptPath
 from ..errors import InputError, NbdcryptError
 
 
 class ControlServer:
-    def __init__(self, path, volume, describe):
+    """Controls the export's queueing layer ``crypt_path``; ``describe`` gives the
+    export's details for "status"."""
+
+    def __init__(self, path: str, crypt_path: CryptPath, describe: Callable[[], JsonObject]) -> None:
         self.path = str(path)
-        self._volume = volume
-        self._describe = describe  # () -> dict of export details for "status"
+        self._crypt_path = crypt_path
+        self._describe = describe
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         bind_private(self._sock, self.path)
         self._sock.listen(8)
         threading.Thread(target=self._serve, name="nbdcrypt-control", daemon=True).start()
 
-    def close(self):
+    def close(self) -> None:
         self._sock.close()
         if os.path.exists(self.path):
             os.unlink(self.path)
 
-    def handle(self, line):
+    def handle(self, line: bytes) -> bytes:
         """One request line in, one reply line out."""
         try:
             command, args = decode_request(line)
@@ -38,8 +43,8 @@ class ControlServer:
         except NbdcryptError as e:
             return encode_reply(error=str(e))
 
-    def _dispatch(self, command, args):
-        path = self._volume.path
+    def _dispatch(self, command: str, args: JsonObject) -> JsonObject:
+        path = self._crypt_path
         if command == "set":
             path.configure(args)
         elif command == "reset-stats":
@@ -48,7 +53,7 @@ class ControlServer:
             return path.stats.snapshot()
         return {**self._describe(), "settings": vars(path.settings), "worker_pids": path.worker_pids()}
 
-    def _serve(self):
+    def _serve(self) -> None:
         while True:
             try:
                 conn, _ = self._sock.accept()
@@ -56,7 +61,7 @@ class ControlServer:
                 return  # closed
             threading.Thread(target=self._converse, args=(conn,), daemon=True).start()
 
-    def _converse(self, conn):
+    def _converse(self, conn: socket.socket) -> None:
         allowed = peer_allowed(conn)
         with conn, conn.makefile("rb") as reader:
             while line := reader.readline(MAX_LINE + 1):
@@ -69,7 +74,7 @@ class ControlServer:
                 conn.sendall(self.handle(line))
 
 
-def bind_private(sock, path):
+def bind_private(sock: socket.socket, path: str) -> None:
     """Bind the Unix socket ``sock`` at ``path`` (replacing a stale one), mode 0600."""
     remove_stale_socket(path)
     old_umask = os.umask(0o077)  # no moment where others could connect
@@ -80,7 +85,7 @@ def bind_private(sock, path):
     os.chmod(path, 0o600)
 
 
-def remove_stale_socket(path):
+def remove_stale_socket(path: str) -> None:
     """Clear ``path`` for a new socket if a socket nobody listens on is there; InputError if
     anything else is (a file, directory or symlink is not ours to delete; a live socket is
     another server's)."""
@@ -99,7 +104,7 @@ def remove_stale_socket(path):
     raise InputError(f"{path}: a server listens there already")
 
 
-def peer_allowed(conn):
+def peer_allowed(conn: socket.socket) -> bool:
     """Is the peer of the Unix socket ``conn`` our own user or root?"""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)

@@ -7,16 +7,19 @@ also accepts ``key-file=PATH`` holding the passphrase.
 """
 
 import os
+from collections.abc import Sequence
+from typing import Any, BinaryIO
 
 from ..crypto.secrets import MAX_KEY_FILE, Secret, joined, read_secret, wipe
+from ..datapath.device import BlockDevice
+from ..datapath.queueing import CryptPath
+from ..datapath.settings import SETTINGS
 from ..errors import InputError
 from ..formats import open_header
 from ..formats.qcow2.backing import backing_key_bytes, unlock_backing
+from ..storage.store import Store, StoreFile, is_uri, open_store
 from .control_server import ControlServer
 from .metrics import MetricsServer
-from ..datapath.queueing import CryptPath
-from ..datapath.settings import SETTINGS
-from ..storage.store import StoreFile, is_uri, open_store
 
 PARAMETERS = {
     "image": "the encrypted image file (required)",
@@ -34,17 +37,19 @@ PARAMETERS = {
 }
 REPEATABLE = ("backing-key-file", "backing-dir")
 
+HeaderFile = BinaryIO | StoreFile
+
 
 class Export:
     """Collects nbdkit's ``key=value`` parameters, then opens the volume once."""
 
-    def __init__(self):
-        self.params = {}
-        self.volume = None
-        self.control = None
-        self.metrics = None
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}  # a list of strings for REPEATABLE keys, else a string
+        self.volume: BlockDevice | None = None
+        self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
 
-    def config(self, key, value):
+    def config(self, key: str, value: str) -> None:
         if key not in PARAMETERS:
             raise InputError(f"unknown parameter {key}; known: {', '.join(PARAMETERS)}")
         if key in REPEATABLE:
@@ -52,7 +57,7 @@ class Export:
         else:
             self.params[key] = value
 
-    def config_complete(self):
+    def config_complete(self) -> None:
         if "image" not in self.params:
             raise InputError("image=PATH is required")
         if ("master-key-fd" in self.params) == ("key-file" in self.params):
@@ -60,7 +65,7 @@ class Export:
         if "backing-key-file" in self.params and "key-file" not in self.params:
             raise InputError("backing-key-file=PATH goes with key-file=PATH (the daemon sends both keys)")
 
-    def open_volume(self):
+    def open_volume(self) -> BlockDevice:
         """Open store and header, obtain the master key and build the volume."""
         readonly = self.params.get("readonly", "false").lower() in ("true", "1", "yes", "on")
         store = open_store(self.params["image"], readonly=readonly)
@@ -75,19 +80,19 @@ class Export:
             wipe(key)
             wipe(backing_keys)
         settings = {s.name: self.params[s.name] for s in SETTINGS if s.name in self.params}
-        self.volume.path.configure(settings)
+        path.configure(settings)
         if "metrics" in self.params:
-            self.metrics = MetricsServer(self.params["metrics"], self.volume.path)
+            self.metrics = MetricsServer(self.params["metrics"], path)
         if "control" in self.params:
             details = header.info()
             info = {"image": self.params["image"], "size": self.volume.size,
                     "format": details["format"], "cipher": details["cipher"]}
             if self.metrics is not None:
                 info["metrics"] = self.metrics.address
-            self.control = ControlServer(self.params["control"], self.volume, lambda: info)
+            self.control = ControlServer(self.params["control"], path, lambda: info)
         return self.volume
 
-    def close(self):
+    def close(self) -> None:
         if self.control is not None:
             self.control.close()
         if self.metrics is not None:
@@ -95,7 +100,7 @@ class Export:
         if self.volume is not None:
             self.volume.close()
 
-    def _master_keys(self, header, f):
+    def _master_keys(self, header: Any, f: HeaderFile) -> tuple[Secret, Secret]:
         """(the image's master key, those of its encrypted backing files)."""
         image = self.params["image"]
         if "key-file" in self.params:
@@ -108,11 +113,13 @@ class Export:
         header.check_master_key(key)
         return key, backing_keys
 
-    def _backing_dirs(self):
+    def _backing_dirs(self) -> Sequence[str]:
         return self.params.get("backing-dir", ())
 
 
-def unlock_all(header, f, image, passphrase, backing_passphrases=(), key_slot=None, backing_dirs=()):
+def unlock_all(header: Any, f: HeaderFile, image: str, passphrase: bytes | bytearray,
+               backing_passphrases: Sequence[bytes | bytearray] = (), key_slot: int | None = None,
+               backing_dirs: Sequence[str] = ()) -> Secret:
     """The master keys ``image`` needs, as the daemon hands them over: its own (from
     LUKS keyslot ``key_slot`` only, if given), then those of its encrypted qcow2
     backing files, which may lie in ``backing_dirs`` (unlocked first, so a missing
@@ -128,7 +135,7 @@ def unlock_all(header, f, image, passphrase, backing_passphrases=(), key_slot=No
     return joined([key, backing])
 
 
-def split_keys(header, image, keys, backing_dirs=()):
+def split_keys(header: Any, image: str, keys: Secret, backing_dirs: Sequence[str] = ()) -> tuple[Secret, Secret]:
     """(master key, backing keys) from what :func:`unlock_all` returned (which is wiped)."""
     cut = len(keys) - backing_key_bytes(header, image, backing_dirs)
     if cut <= 0:
@@ -140,12 +147,12 @@ def split_keys(header, image, keys, backing_dirs=()):
     return key, backing
 
 
-def _read_file(path):
+def _read_file(path: str) -> Secret:
     with _open(path) as f:
         return read_secret(f.fileno(), MAX_KEY_FILE)
 
 
-def header_file(image, header, store):
+def header_file(image: str, header: str | None, store: Store) -> HeaderFile:
     """The file to read the LUKS header from: the detached header, the image file,
     or (for an image behind NBD) the store itself."""
     if header:
@@ -153,7 +160,7 @@ def header_file(image, header, store):
     return StoreFile(store) if is_uri(image) else _open(image)
 
 
-def _open(path):
+def _open(path: str) -> BinaryIO:
     try:
         return open(path, "rb")
     except FileNotFoundError:
@@ -162,7 +169,7 @@ def _open(path):
         raise InputError(f"{path}: is a directory") from None
 
 
-def _read_handover(fd):
+def _read_handover(fd: int) -> Secret:
     """The keys the daemon wrote to the pipe ``fd``, read straight into a Secret; ``fd`` is closed."""
     try:
         return read_secret(fd, MAX_KEY_FILE)
