@@ -19,16 +19,30 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from socketserver import ThreadingMixIn, UnixStreamServer
+from socketserver import BaseRequestHandler, BaseServer, ThreadingMixIn, UnixStreamServer
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
+from ..control import JsonObject
+from ..datapath.queueing import CryptPath
+from ..datapath.stats import BUCKETS_US
 from ..errors import InputError
 from .control_server import bind_private, peer_allowed
-from ..datapath.stats import BUCKETS_US
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typeshed's; not needed at run time
 
 DIRECTIONS = ("read", "write")
 MAX_CONNECTIONS = 8  # a scraper or two, and an operator with curl
@@ -51,8 +65,10 @@ _PHASE = ("nbdcrypt_request_phase_duration_seconds",
           "time successful requests spent in each phase: throttle, queue (waiting for and handing over to "
           "a crypt worker), crypto, io")
 
+Address = tuple[Literal["unix"], str] | tuple[Literal["tcp"], tuple[str, int]]
 
-def parse_address(text):
+
+def parse_address(text: str) -> Address:
     """``("tcp", (host, port))`` for PORT or HOST:PORT (host 127.0.0.1 unless given),
     else ``("unix", path)``."""
     host, colon, port = str(text).rpartition(":")
@@ -63,26 +79,26 @@ def parse_address(text):
     return "tcp", (host.strip("[]") if colon else "127.0.0.1", int(port))
 
 
-def absolute_address(text):
+def absolute_address(text: str) -> str:
     """``text`` checked, with a socket path made absolute (nbdkit may run elsewhere)."""
-    kind, where = parse_address(text)
-    return os.path.abspath(where) if kind == "unix" else str(text)
+    _, where = parse_address(text)
+    return os.path.abspath(where) if isinstance(where, str) else str(text)
 
 
-def render(stats, worker_pids=()):
+def render(stats: JsonObject, worker_pids: Sequence[int] = ()) -> str:
     """The text exposition of a :meth:`Stats.snapshot` taken with ``buckets=True``."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(stats, worker_pids))
     return generate_latest(registry).decode()
 
 
-class _Snapshot:
+class _Snapshot(Collector):
     """A prometheus_client collector of one statistics snapshot."""
 
-    def __init__(self, stats, worker_pids):
+    def __init__(self, stats: JsonObject, worker_pids: Sequence[int]) -> None:
         self.stats, self.worker_pids = stats, worker_pids
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         stats = self.stats
         for key, family, name, help_text, scale in _PER_DIRECTION:
             metric = family(name, help_text, labels=["direction"])
@@ -107,9 +123,9 @@ class _Snapshot:
                                   value=stats["worker_restarts"])
 
 
-def _histogram(summary):
+def _histogram(summary: JsonObject) -> tuple[list[tuple[str, float]], float]:
     """(cumulative buckets in seconds, sum) of a latency summary in microseconds."""
-    buckets = [(repr(bound / 1e6), count) for bound, count in zip(BUCKETS_US, summary["buckets"])]
+    buckets = [(repr(bound / 1e6), count) for bound, count in zip(BUCKETS_US, summary["buckets"], strict=True)]
     return buckets + [("+Inf", summary["count"])], summary["sum"] / 1e6
 
 
@@ -117,25 +133,26 @@ class MetricsServer:
     """Serves the statistics of ``crypt_path`` (a CryptPath) at ``address`` from a
     daemon thread; InputError if it cannot listen there."""
 
-    def __init__(self, address, crypt_path):
-        kind, where = parse_address(address)
-        self._path = where if kind == "unix" else None
+    def __init__(self, address: str, crypt_path: CryptPath) -> None:
+        _, where = parse_address(address)
+        self._path = where if isinstance(where, str) else None  # a Unix socket's
         try:
-            self._server = _UnixServer(where, _Handler) if kind == "unix" else _TcpServer(where, _Handler)
+            self._server: _Bounded = (_UnixServer(where, _Handler) if isinstance(where, str)
+                                      else _TcpServer(where, _Handler))
         except OSError as e:
             raise InputError(f"--metrics {address}: cannot listen: {e.strerror or e}") from None
         self._server.crypt_path = crypt_path
         threading.Thread(target=self._server.serve_forever, name="nbdcrypt-metrics", daemon=True).start()
 
     @property
-    def address(self):
+    def address(self) -> str:
         """The socket's path, or HOST:PORT (with the port chosen for 0)."""
         if self._path is not None:
             return self._path
-        host, port = self._server.server_address[:2]
+        host, port = cast(tuple[Any, ...], self._server.server_address)[:2]  # IPv6: also flow and scope
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def close(self):
+    def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         if self._path is not None and os.path.exists(self._path):
@@ -143,16 +160,16 @@ class MetricsServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         self.rfile.close()  # StreamRequestHandler's, replaced by one with a deadline
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + REQUEST_TIMEOUT))
 
-    def do_GET(self):
+    def do_GET(self) -> None:
         if urlsplit(self.path).path != "/metrics":
             self.send_error(404, "metrics are at /metrics")
             return
-        path = self.server.crypt_path
+        path = cast(_Bounded, self.server).crypt_path
         body = render(path.stats.snapshot(buckets=True), path.worker_pids()).encode()
         self.send_response(200)
         self.send_header("Content-Type", CONTENT_TYPE_LATEST)
@@ -160,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args):
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # a scrape every few seconds is not news
 
 
@@ -168,28 +185,29 @@ class _DeadlineReader(io.RawIOBase):
     """Reads ``sock`` until ``deadline`` (time.monotonic()), then TimeoutError: a client
     that trickles its request byte by byte is dropped as one that sends nothing."""
 
-    def __init__(self, sock, deadline):
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
         self._sock, self._deadline = sock, deadline
 
-    def readable(self):
+    def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer):
+    def readinto(self, buffer: "Buffer") -> int:
         self._sock.settimeout(max(self._deadline - time.monotonic(), 1e-3))
         return self._sock.recv_into(buffer)
 
 
-class _Bounded(ThreadingMixIn):
+class _Bounded(ThreadingMixIn, BaseServer):
     """A threading server that serves at most MAX_CONNECTIONS connections at once and
     closes the others at once, so a flood cannot pile up threads in nbdkit."""
 
     daemon_threads = True
+    crypt_path: CryptPath  # whose statistics are served
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(*args, **kwargs)
 
-    def process_request(self, request, client_address):
+    def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
@@ -199,7 +217,7 @@ class _Bounded(ThreadingMixIn):
             self._slots.release()  # no thread started to release it
             raise
 
-    def process_request_thread(self, request, client_address):
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -207,14 +225,14 @@ class _Bounded(ThreadingMixIn):
 
 
 class _UnixServer(_Bounded, UnixStreamServer):
-    def server_bind(self):
-        bind_private(self.socket, self.server_address)
+    def server_bind(self) -> None:
+        bind_private(self.socket, cast(str, self.server_address))  # MetricsServer's path
 
-    def verify_request(self, request, client_address):
+    def verify_request(self, request: Any, client_address: Any) -> bool:
         return peer_allowed(request)
 
 
 class _TcpServer(_Bounded, HTTPServer):
-    def __init__(self, address, handler):
+    def __init__(self, address: tuple[str, int], handler: type[BaseRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
