@@ -55,7 +55,7 @@ _MASK128 = (1 << 128) - 1
 class SectorCipher:
     """Encrypts/decrypts whole requests (many consecutive sectors) in place."""
 
-    def __init__(self, spec: CipherSpec, key: bytes | bytearray, sector_size: int = 512,
+    def __init__(self, spec: CipherSpec, key: bytes | bytearray | memoryview, sector_size: int = 512,
                  iv_large_sectors: bool = False, iv_tweak: int = 0, engine: str | None = None):
         spec.check_key_size(len(key))
         # Contexts are made lazily per thread from this one locked copy (the cipher

@@ -17,14 +17,26 @@ import os
 import struct
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import ClassVar, Self
 
+from nbdcrypt.crypto import wipe
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.kdf import Kdf, hash_factory, new_kdf, pbkdf2, pbkdf2_iterations
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import BadPassphraseError, FormatError, InputError, UnsupportedError
-from nbdcrypt.formats.luks_common import (STRIPES, Payload, Sealing, check_format_args, create_file, file_id,
-                                          pick_slot, try_keyslots, wipe)
+from nbdcrypt.formats.image import ImageFile, Key, Passphrase
+from nbdcrypt.formats.luks_common import (
+    STRIPES,
+    FileId,
+    Payload,
+    Sealing,
+    Writes,
+    check_format_args,
+    create_file,
+    file_id,
+    pick_slot,
+    try_keyslots,
+)
 
 MAGIC = b"LUKS\xba\xbe"
 VERSION = 1
@@ -81,32 +93,32 @@ class Luks1Header(Payload):
     uuid: str
     keyslots: tuple[Keyslot, ...]
     name: str = field(default="image", compare=False)
-    file_id: tuple | None = field(default=None, compare=False)
+    file_id: FileId | None = field(default=None, compare=False)
 
     sector_size: ClassVar[int] = SECTOR_SIZE
     fixed_payload_size: ClassVar[None] = None
-    warnings: ClassVar[tuple] = ()
+    warnings: ClassVar[tuple[str, ...]] = ()
 
     @property
-    def payload_offset(self):
+    def payload_offset(self) -> int:
         """Where the encrypted payload starts, in bytes."""
         return self.payload_sector * SECTOR_SIZE
 
     @property
-    def keyslot_sectors(self):
+    def keyslot_sectors(self) -> int:
         return _keyslot_sectors(self.key_bytes)
 
     # -- on-disk structure ---------------------------------------------------------
 
     @classmethod
-    def read(cls, f, name="image"):
+    def read(cls, f: ImageFile, name: str = "image") -> Self:
         """Read and check the header of an open binary file (which the caller closes)."""
         f.seek(0)
         buf = f.read(HEADER_SIZE)
         return cls.parse(buf, f.seek(0, os.SEEK_END), name, file_id(f))
 
     @classmethod
-    def parse(cls, buf, file_size, name="image", fid=None):
+    def parse(cls, buf: bytes, file_size: int, name: str = "image", fid: FileId | None = None) -> Self:
         """Decode ``buf`` (the first bytes of a file of ``file_size`` bytes) and check it."""
         if buf[: len(MAGIC)] != MAGIC:
             raise FormatError(f"{name}: not a LUKS image")
@@ -138,7 +150,7 @@ class Luks1Header(Payload):
         header.check(file_size)
         return header
 
-    def check(self, file_size):
+    def check(self, file_size: int) -> None:
         """Sanity-check every field against itself and the size of the header's file,
         like cryptsetup's LUKS_check_keyslots and nbdkit's luks filter.  The payload
         is checked against the data file (this file unless the header is detached)
@@ -178,7 +190,7 @@ class Luks1Header(Payload):
                                   f"the payload at sector {self.payload_sector}")
             previous_end, previous = end, i
 
-    def pack(self):
+    def pack(self) -> bytes:
         """The 592 header bytes."""
         out = bytearray(_FIXED.pack(
             MAGIC, VERSION, _encode(self.cipher_spec.luks_name), _encode(self.cipher_spec.luks_mode),
@@ -189,7 +201,7 @@ class Luks1Header(Payload):
                                  slot.salt, slot.offset, slot.stripes)
         return bytes(out)
 
-    def info(self):
+    def info(self) -> dict[str, object]:
         """What ``luksDump`` shows, without salts, digests or anything secret."""
         return {
             "format": "luks1",
@@ -215,12 +227,12 @@ class Luks1Header(Payload):
 
     # -- keys and keyslots ---------------------------------------------------------
 
-    def unlock(self, passphrase, f, slot=None):
+    def unlock(self, passphrase: Passphrase, f: ImageFile, slot: int | None = None) -> bytearray:
         """The master key (a bytearray the caller should wipe) from the first enabled
         keyslot the passphrase opens; BadPassphraseError if none does."""
         return self.unlock_slot(passphrase, f, slot)[1]
 
-    def unlock_slot(self, passphrase, f, slot=None):
+    def unlock_slot(self, passphrase: Passphrase, f: ImageFile, slot: int | None = None) -> tuple[int, bytearray]:
         """``(slot number, master key)``, trying only ``slot`` if given (at any cost,
         else within the unlock budget)."""
         if slot is not None and slot not in self.active_keyslots():
@@ -234,14 +246,14 @@ class Luks1Header(Payload):
         return (self._sealing(self.keyslots[i]).kdf.cost(self.key_bytes)
                 + Kdf("pbkdf2", b"", self.mk_digest_iterations, self.hash_name).cost(DIGEST_SIZE))
 
-    def check_master_key(self, key):
+    def check_master_key(self, key: Key) -> None:
         """Raise unless ``key`` is this image's master key (e.g. one given by the user)."""
         if len(key) != self.key_bytes:
             raise InputError(f"{self.name}: master key is {len(key)} bytes, the header says {self.key_bytes}")
         if not self._digest_matches(key):
             raise BadPassphraseError(f"{self.name}: master key does not match the header's digest")
 
-    def payload_cipher(self, master_key):
+    def payload_cipher(self, master_key: Key) -> SectorCipher:
         """The sector cipher for the payload (with its own copy of the key: the caller
         wipes ``master_key``); sector numbers count from the payload offset."""
         return SectorCipher(self.cipher_spec, master_key, sector_size=SECTOR_SIZE)
@@ -266,24 +278,26 @@ class Luks1Header(Payload):
 
     # -- keyslot changes -----------------------------------------------------------
 
-    def active_keyslots(self):
+    def active_keyslots(self) -> list[int]:
         return [i for i, slot in enumerate(self.keyslots) if slot.active]
 
-    def free_keyslots(self):
+    def free_keyslots(self) -> set[int]:
         return {i for i, slot in enumerate(self.keyslots) if not slot.active}
 
-    def slot_for_change(self, slot_id):
+    def slot_for_change(self, slot_id: int) -> int:
         """LUKS1 areas are fixed: a changed passphrase moves to a free slot, so the old
         one stays intact until the new one is enabled on disk."""
         return pick_slot(self.free_keyslots(), None)
 
-    def new_kdf(self, pbkdf=None, iter_time_ms=2000, **options):
+    def new_kdf(self, pbkdf: str | None = None, iter_time_ms: int = 2000, memory_kb: int | None = None,
+                cpus: int | None = None, iterations: int | None = None) -> Kdf:
+        """PBKDF2 only; Argon2's memory and threads mean nothing here."""
         if pbkdf not in (None, "pbkdf2"):
             raise InputError(f"{self.name}: LUKS1 keyslots use pbkdf2, not {pbkdf}")
-        return new_kdf("pbkdf2", iter_time_ms, self.key_bytes, self.hash_name,
-                       iterations=options.get("iterations"))
+        return new_kdf("pbkdf2", iter_time_ms, self.key_bytes, self.hash_name, iterations=iterations)
 
-    def with_keyslot(self, slot_id, passphrase, master_key, kdf, replacing=None):
+    def with_keyslot(self, slot_id: int, passphrase: Passphrase, master_key: Key, kdf: Kdf,
+                     replacing: int | None = None) -> tuple[Self, Writes]:
         """``(new header, writes)``: material into the free slot's area, then the header
         enabling it; with ``replacing``, then the header disabling that slot, then its
         area wiped.  The header spans two sectors, so enabling one slot and disabling
@@ -297,17 +311,10 @@ class Luks1Header(Payload):
         new, removal = added.without_keyslot(replacing)
         return new, writes + removal
 
-    def without_keyslot(self, slot_id):
-        new = self._with_slot(slot_id, _disabled(self.keyslots[slot_id].offset))
+    def without_keyslot(self, slot_id: int) -> tuple[Self, Writes]:
+        # cryptsetup clears a disabled slot's salt and count
+        new = self._with_slot(slot_id, Keyslot(False, 0, bytes(SALT_SIZE), self.keyslots[slot_id].offset))
         return new, new._after_header(slot_id)
-
-    def erased(self):
-        """``(new header, writes)``: every keyslot disabled in one header write, then every
-        keyslot area overwritten with random bytes (cryptsetup luksErase).  A torn header
-        write leaves each slot enabled with its material intact, or disabled."""
-        new = replace(self, keyslots=tuple(_disabled(slot.offset) for slot in self.keyslots))
-        size = self.keyslot_sectors * SECTOR_SIZE
-        return new, [(0, new.pack()), *((slot.offset * SECTOR_SIZE, os.urandom(size)) for slot in self.keyslots)]
 
     def _with_slot(self, slot_id, slot):
         slots = list(self.keyslots)
@@ -321,11 +328,6 @@ class Luks1Header(Payload):
             writes.append((self.keyslots[wiped].offset * SECTOR_SIZE,
                            os.urandom(self.keyslot_sectors * SECTOR_SIZE)))
         return writes
-
-
-def _disabled(offset):
-    """A disabled keyslot as cryptsetup leaves one: salt and iteration count cleared."""
-    return Keyslot(False, 0, bytes(SALT_SIZE), offset)
 
 
 def _decode(raw, label, name):
@@ -356,7 +358,7 @@ def _keyslot_sectors(key_bytes):
     return math.ceil(key_bytes * STRIPES / SECTOR_SIZE)
 
 
-def layout(key_bytes):
+def layout(key_bytes: int) -> tuple[list[int], int]:
     """cryptsetup's keyslot offsets and payload sector for a key of ``key_bytes`` bytes."""
     slot_sectors = _keyslot_sectors(key_bytes)
     offsets, sector = [], KEYSLOT_ALIGN  # the first keyslot follows the header's 4 KiB
@@ -370,9 +372,10 @@ def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-def format_luks1(path, payload_size, passphrase, cipher="aes-xts-plain64", key_bits=256,
-                 hash_name="sha256", iter_time_ms=2000, iterations=None, detached=False,
-                 offset_sectors=0):
+def format_luks1(path: str | os.PathLike[str], payload_size: int, passphrase: Passphrase,
+                 cipher: str = "aes-xts-plain64", key_bits: int = 256, hash_name: str = "sha256",
+                 iter_time_ms: int = 2000, iterations: int | None = None, detached: bool = False,
+                 offset_sectors: int = 0) -> Luks1Header:
     """Create a new LUKS1 image at ``path`` with ``payload_size`` bytes of (sparse) payload
     and keyslot 0 opened by ``passphrase``; returns its header.  ``detached``: ``path``
     is a header file only, for a payload in a separate data file.  ``offset_sectors``
@@ -405,7 +408,7 @@ def format_luks1(path, payload_size, passphrase, cipher="aes-xts-plain64", key_b
         empty = Luks1Header(
             spec, hash_name, payload_sector, key_bytes,
             pbkdf2(hash_name, master_key, mk_salt, mk_iterations, DIGEST_SIZE), mk_salt, mk_iterations,
-            str(uuid.uuid4()), tuple(_disabled(o) for o in offsets), str(path))
+            str(uuid.uuid4()), tuple(Keyslot(False, 0, bytes(SALT_SIZE), o) for o in offsets), str(path))
         empty.check(file_size)
         kdf = new_kdf("pbkdf2", iter_time_ms, key_bytes, hash_name, iterations=iterations)
         header, writes = empty.with_keyslot(0, passphrase, master_key, kdf)

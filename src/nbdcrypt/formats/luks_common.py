@@ -11,19 +11,38 @@ with the old or the new passphrase.
 import io
 import os
 import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, ClassVar, Self, TypedDict, TypeVar, Unpack
 
 from nbdcrypt.crypto import af, wipe
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.kdf import Kdf, hash_factory
 from nbdcrypt.crypto.spec import CipherSpec
-from nbdcrypt.errors import BadPassphraseError, FormatError, InputError
+from nbdcrypt.datapath.queueing import CryptPath
 from nbdcrypt.datapath.volume import Volume
+from nbdcrypt.errors import BadPassphraseError, FormatError, InputError
+from nbdcrypt.formats.image import ImageFile, Key, Passphrase
+from nbdcrypt.storage.store import Store
 
 STRIPES = 4000
 SECTOR = 512
 OFFSET_ALIGN = 8  # sectors: cryptsetup puts data at whole 4096 bytes
+
+FileId = tuple[int, int]  # (device, inode)
+Writes = list[tuple[int, bytes]]  # (offset, data), written in order by commit
+
+
+class KdfOptions(TypedDict, total=False):
+    """How a new keyslot derives its key (cryptsetup's --pbkdf* options); see new_kdf."""
+
+    pbkdf: str | None
+    iter_time_ms: int
+    memory_kb: int | None
+    cpus: int | None
+    iterations: int | None
 
 
 @dataclass(frozen=True)
@@ -36,11 +55,11 @@ class Sealing:
     af_hash: str
     stripes: int = STRIPES
 
-    def material_size(self, master_key_bytes):
+    def material_size(self, master_key_bytes: int) -> int:
         """Bytes of sealed material: the AF stripes rounded up to whole sectors."""
         return -(-master_key_bytes * self.stripes // SECTOR) * SECTOR
 
-    def open(self, material, passphrase, master_key_bytes):
+    def open(self, material: bytearray, passphrase: Passphrase, master_key_bytes: int) -> bytearray:
         """The candidate master key (a bytearray to wipe) from sealed ``material``."""
         size = self.material_size(master_key_bytes)
         if len(material) < size:
@@ -52,7 +71,7 @@ class Sealing:
         finally:
             wipe(plain)
 
-    def seal(self, master_key, passphrase, area_size):
+    def seal(self, master_key: Key, passphrase: Passphrase, area_size: int) -> bytes:
         """``area_size`` bytes to write to the keyslot's area."""
         material = af.split(master_key, self.stripes, self.af_hash)
         material += bytes(self.material_size(len(master_key)) - len(material))
@@ -68,7 +87,7 @@ class Sealing:
             wipe(derived)
 
 
-def commit(f, writes):
+def commit(f: IO[bytes], writes: Writes) -> None:
     """Write each ``(offset, data)`` in order, each durable before the next starts."""
     for offset, data in writes:
         f.seek(offset)
@@ -77,7 +96,8 @@ def commit(f, writes):
         os.fsync(f.fileno())
 
 
-def check_format_args(path, cipher, key_bits, hash_name, payload_size, sector_size, offset_sectors=0):
+def check_format_args(path: str | os.PathLike[str], cipher: str, key_bits: int, hash_name: str, payload_size: int,
+                      sector_size: int, offset_sectors: int = 0) -> tuple[CipherSpec, int]:
     """Check the arguments LUKS1 and LUKS2 formats share; ``(spec, key_bytes)``."""
     spec = CipherSpec.parse(cipher)
     if key_bits <= 0 or key_bits % 8:
@@ -95,7 +115,7 @@ def check_format_args(path, cipher, key_bits, hash_name, payload_size, sector_si
     return spec, key_bits // 8
 
 
-def create_file(path, size, writes):
+def create_file(path: str | os.PathLike[str], size: int, writes: Writes) -> None:
     """Create ``path`` as a sparse file of ``size`` bytes holding ``writes``, all or
     nothing: it is built beside ``path`` and linked into place, so a crash or an
     error never leaves a half-written file and an existing file is never replaced."""
@@ -115,7 +135,7 @@ def create_file(path, size, writes):
         os.unlink(tmp)
 
 
-def pick_slot(free, slot):
+def pick_slot(free: set[int], slot: int | None) -> int:
     """``slot`` if it is free, else the lowest free one; InputError when none is."""
     if slot is not None:
         if slot not in free:
@@ -133,11 +153,13 @@ def pick_slot(free, slot):
 UNLOCK_BUDGET = 1 << 28
 
 
-def try_keyslots(candidates, open_slot, matches, name, cost=None):
+def try_keyslots(candidates: Sequence[int], open_slot: Callable[[int], bytearray], matches: Callable[[bytearray], bool],
+                 name: str, cost: Callable[[int], int] | None = None) -> tuple[int, bytearray]:
     """``(slot, master_key)`` for the first candidate slot whose opened key ``matches``.
     With ``cost`` (a slot's Kdf.cost units, keyslot and digest), candidates are tried
     only while their total stays within UNLOCK_BUDGET; the error names the others."""
-    spent, tried = 0, []
+    spent = 0
+    tried: list[int] = []
     for i, slot in enumerate(candidates):
         if cost is not None:
             spent += cost(slot)
@@ -161,17 +183,38 @@ def _ids(slots):
     return ", ".join(map(str, slots))
 
 
-class Payload:
-    """The plaintext volume of a LUKS header, shared by LUKS1 and LUKS2.  Subclasses
-    give ``payload_offset``, ``fixed_payload_size`` (None: to the end of the data
-    file), ``sector_size``, ``file_id`` (of the file the header was read from),
-    ``name`` and ``payload_cipher(key)``.
+class Payload(ABC):
+    """What LUKS1 and LUKS2 headers share: the plaintext volume and the keyslot
+    operations the passphrase changes below use.  Subclasses give the abstract members.
 
     A header cannot tell whether it is detached (``cryptsetup --header``, with or
     without ``--offset``), so reading it checks only its own file; the payload is
     checked here, against the data file, before any of it is served."""
 
-    def open_volume(self, store, key, path=None, backing_keys=b"", backing_dirs=()):
+    name: str  # the image, for messages only
+    file_id: FileId | None  # of the file the header was read from
+    backing_file: ClassVar[None] = None  # LUKS has none
+
+    @property
+    @abstractmethod
+    def payload_offset(self) -> int:
+        """Where the payload starts in the data file, in bytes."""
+
+    @property
+    @abstractmethod
+    def fixed_payload_size(self) -> int | None:
+        """The payload's bytes; None: to the end of the data file."""
+
+    @property
+    @abstractmethod
+    def sector_size(self) -> int: ...
+
+    @abstractmethod
+    def payload_cipher(self, master_key: Key) -> SectorCipher:
+        """The payload's sector cipher, with its own copy of the key."""
+
+    def open_volume(self, store: Store, key: Key, path: CryptPath | None = None, backing_keys: Key = b"",
+                    backing_dirs: Sequence[str] = ()) -> Volume:
         """The plaintext block device on the data file ``store`` with master key
         ``key``, on the export's queueing layer ``path`` (default: a new one), which
         gets the key for its worker processes.  The arguments are qcow2's: LUKS has
@@ -186,7 +229,7 @@ class Payload:
         volume.path.register(volume.cipher, key)
         return volume
 
-    def payload_size(self, data_size):
+    def payload_size(self, data_size: int) -> int:
         """Plaintext bytes in a data file of ``data_size`` bytes (whole sectors)."""
         if self.payload_offset > data_size:
             raise FormatError(f"{self.name}: payload offset {self.payload_offset} is past the end "
@@ -199,8 +242,38 @@ class Payload:
                                   f"file ({data_size} bytes)")
         return (end - self.payload_offset) // self.sector_size * self.sector_size
 
+    # -- keyslots --------------------------------------------------------------------
 
-def file_id(f):
+    @abstractmethod
+    def unlock_slot(self, passphrase: Passphrase, f: ImageFile, slot: int | None = None) -> tuple[int, bytearray]:
+        """``(slot number, master key)``, trying only ``slot`` if given."""
+
+    @abstractmethod
+    def active_keyslots(self) -> list[int]: ...
+
+    @abstractmethod
+    def free_keyslots(self) -> set[int]: ...
+
+    @abstractmethod
+    def slot_for_change(self, slot_id: int) -> int:
+        """Where a changed passphrase of keyslot ``slot_id`` goes."""
+
+    @abstractmethod
+    def new_kdf(self, pbkdf: str | None = None, iter_time_ms: int = 2000, memory_kb: int | None = None,
+                cpus: int | None = None, iterations: int | None = None) -> Kdf:
+        """A new keyslot's Kdf (:func:`nbdcrypt.crypto.kdf.new_kdf`)."""
+
+    @abstractmethod
+    def with_keyslot(self, slot_id: int, passphrase: Passphrase, master_key: Key, kdf: Kdf,
+                     replacing: int | None = None) -> tuple[Self, Writes]:
+        """``(new header, writes)`` adding keyslot ``slot_id`` (in place of ``replacing``)."""
+
+    @abstractmethod
+    def without_keyslot(self, slot_id: int) -> tuple[Self, Writes]:
+        """``(new header, writes)`` removing keyslot ``slot_id`` and wiping its area."""
+
+
+def file_id(f: ImageFile) -> FileId | None:
     """Identity of an open file (None for in-memory files), to tell the header file
     from the data file."""
     try:
@@ -212,10 +285,13 @@ def file_id(f):
 
 # -- passphrase changes, the same for LUKS1 and LUKS2 ---------------------------------
 # ``f`` is the header file open for reading and writing; ``kdf_options`` go to the
-# header's ``new_kdf`` (pbkdf, iter_time_ms, memory_kb, cpus, iterations).
+# header's ``new_kdf``.
+
+P = TypeVar("P", bound=Payload)
 
 
-def add_passphrase(f, header, passphrase, new_passphrase, slot=None, **kdf_options):
+def add_passphrase(f: IO[bytes], header: P, passphrase: Passphrase, new_passphrase: Passphrase,
+                   slot: int | None = None, **kdf_options: Unpack[KdfOptions]) -> tuple[P, int]:
     """Add ``new_passphrase`` in keyslot ``slot`` (default: the lowest free one)."""
     target = pick_slot(header.free_keyslots(), slot)
     kdf = header.new_kdf(**kdf_options)
@@ -228,7 +304,8 @@ def add_passphrase(f, header, passphrase, new_passphrase, slot=None, **kdf_optio
     return new, target
 
 
-def change_passphrase(f, header, passphrase, new_passphrase, slot=None, **kdf_options):
+def change_passphrase(f: IO[bytes], header: P, passphrase: Passphrase, new_passphrase: Passphrase,
+                      slot: int | None = None, **kdf_options: Unpack[KdfOptions]) -> tuple[P, int]:
     """Replace the keyslot ``passphrase`` opens (only ``slot`` if given)."""
     kdf = header.new_kdf(**kdf_options)
     old, key = header.unlock_slot(passphrase, f, slot)
@@ -241,7 +318,7 @@ def change_passphrase(f, header, passphrase, new_passphrase, slot=None, **kdf_op
     return new, target
 
 
-def remove_passphrase(f, header, passphrase, slot=None):
+def remove_passphrase(f: IO[bytes], header: P, passphrase: Passphrase, slot: int | None = None) -> tuple[P, int]:
     """Remove keyslot ``slot``, or the one ``passphrase`` opens; ``passphrase`` must
     open some keyslot either way, and the last keyslot is never removed."""
     opened, key = header.unlock_slot(passphrase, f)

@@ -40,10 +40,10 @@ class BinaryHeader:
     hdr_offset: int
 
     @property
-    def json_size(self):
+    def json_size(self) -> int:
         return self.hdr_size - BINARY_SIZE
 
-    def pack(self, json_area):
+    def pack(self, json_area: bytes) -> bytes:
         """The ``hdr_size`` bytes of this copy, checksummed."""
         if len(json_area) != self.json_size:
             raise ValueError(f"JSON area is {len(json_area)} bytes, expected {self.json_size}")
@@ -56,18 +56,18 @@ class BinaryHeader:
         area[CSUM_OFFSET:CSUM_OFFSET + len(digest)] = digest
         return bytes(area)
 
-    def at(self, hdr_offset, seqid):
+    def at(self, hdr_offset: int, seqid: int) -> "BinaryHeader":
         return replace(self, hdr_offset=hdr_offset, seqid=seqid)
 
 
-def checksum(alg, area):
+def checksum(alg: str, area: bytes | bytearray) -> bytes:
     """The checksum of a copy whose checksum field is zero."""
     h = hash_factory(alg)()
     h.update(area)
     return h.digest()
 
 
-def parse(area, offset):
+def parse(area: bytes, offset: int) -> tuple[BinaryHeader, bytes]:
     """``(BinaryHeader, json_area)`` from the ``hdr_size`` bytes of the copy at
     ``offset``, after checking magic, version, size, location and checksum."""
     if len(area) < BINARY_SIZE:
@@ -97,7 +97,7 @@ def parse(area, offset):
     return header, bytes(area[BINARY_SIZE:hdr_size])
 
 
-def peek_size(head):
+def peek_size(head: bytes) -> int | None:
     """The ``hdr_size`` a binary header claims, or None if it is not a plausible copy."""
     if len(head) < _LAYOUT.size or head[:6] not in (MAGIC_PRIMARY, MAGIC_SECONDARY):
         return None

@@ -7,9 +7,10 @@ from nbdcrypt.crypto import wipe
 from nbdcrypt.crypto.engine import SECTOR_SIZES
 from nbdcrypt.crypto.kdf import digest_size, new_kdf
 from nbdcrypt.errors import InputError
-from nbdcrypt.formats.luks_common import Sealing, check_format_args, create_file
+from nbdcrypt.formats.image import Passphrase
 from nbdcrypt.formats.luks2 import binary, digests, keyslots, segments
 from nbdcrypt.formats.luks2.header import Luks2Header
+from nbdcrypt.formats.luks_common import Sealing, check_format_args, create_file
 
 HDR_SIZE = 16384
 # cryptsetup's default data offset: 16 MiB, all of it metadata and keyslots.
@@ -19,10 +20,12 @@ MAX_KEYSLOTS_SIZE = 128 << 20
 DIGEST_MS = 125  # cryptsetup's fixed budget for the volume-key digest
 
 
-def format_luks2(path, payload_size, passphrase, cipher="aes-xts-plain64", key_bits=512,
-                 hash_name="sha256", sector_size=4096, pbkdf="argon2id", iter_time_ms=2000,
-                 pbkdf_memory=None, pbkdf_parallel=None, pbkdf_iterations=None, label="",
-                 subsystem="", detached=False, offset_sectors=0):
+def format_luks2(path: str | os.PathLike[str], payload_size: int, passphrase: Passphrase,
+                 cipher: str = "aes-xts-plain64", key_bits: int = 512, hash_name: str = "sha256",
+                 sector_size: int = 4096, pbkdf: str = "argon2id", iter_time_ms: int = 2000,
+                 pbkdf_memory: int | None = None, pbkdf_parallel: int | None = None,
+                 pbkdf_iterations: int | None = None, label: str = "", subsystem: str = "",
+                 detached: bool = False, offset_sectors: int = 0) -> Luks2Header:
     """Create a LUKS2 header file at ``path`` with keyslot 0 opened by ``passphrase``.
 
     Attached (the default): ``path`` is a new image with ``payload_size`` bytes of

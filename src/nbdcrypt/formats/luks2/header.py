@@ -16,14 +16,18 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field, replace
+from typing import Self
 
 from nbdcrypt.crypto import wipe
 from nbdcrypt.crypto.engine import SectorCipher
-from nbdcrypt.crypto.kdf import new_kdf
+from nbdcrypt.crypto.kdf import Kdf, new_kdf
+from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import BadPassphraseError, FormatError, InputError, UnsupportedError
-from nbdcrypt.formats.luks_common import Payload, Sealing, file_id, try_keyslots
+from nbdcrypt.formats.image import ImageFile, Key, Passphrase
 from nbdcrypt.formats.luks2 import binary, digests, fields, keyslots, segments
-from nbdcrypt.formats.luks2.binary import BINARY_SIZE, HDR_SIZES
+from nbdcrypt.formats.luks2.binary import BINARY_SIZE, HDR_SIZES, BinaryHeader
+from nbdcrypt.formats.luks2.fields import JsonObject
+from nbdcrypt.formats.luks_common import FileId, Payload, Sealing, Writes, file_id, try_keyslots
 
 MAX_KEYSLOTS = 32
 NO_HEADER = "no valid binary header"
@@ -31,50 +35,46 @@ NO_HEADER = "no valid binary header"
 
 @dataclass(frozen=True)
 class Luks2Header(Payload):
-    binary: binary.BinaryHeader  # of the copy read, as at offset 0
-    doc: dict = field(repr=False)  # the whole JSON metadata
-    keyslots: dict  # id -> keyslots.Keyslot
+    binary: BinaryHeader  # of the copy read, as at offset 0
+    doc: JsonObject = field(repr=False)  # the whole JSON metadata
+    keyslots: dict[int, keyslots.Keyslot]  # by id
     digest: digests.Digest
     segment: segments.Segment
     keyslots_size: int
     name: str = field(default="image", compare=False)
-    warnings: tuple = field(default=(), compare=False)
-    file_id: tuple | None = field(default=None, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    file_id: FileId | None = field(default=None, compare=False)
     file_size: int = field(default=0, compare=False)
 
     @property
-    def cipher_spec(self):
+    def cipher_spec(self) -> CipherSpec:
         return self.segment.spec
 
     @property
-    def sector_size(self):
+    def sector_size(self) -> int:
         return self.segment.sector_size
 
     @property
-    def payload_offset(self):
+    def payload_offset(self) -> int:
         return self.segment.offset
 
     @property
-    def fixed_payload_size(self):
+    def fixed_payload_size(self) -> int | None:
         return self.segment.size
 
     @property
-    def metadata_size(self):
+    def metadata_size(self) -> int:
         """Both header copies."""
         return 2 * self.binary.hdr_size
 
     @property
-    def uuid(self):
-        return self.binary.uuid
-
-    @property
-    def key_bytes(self):
+    def key_bytes(self) -> int | None:
         return self.keyslots[self.digest.keyslots[0]].key_bytes if self.digest.keyslots else None
 
     # -- reading -------------------------------------------------------------------
 
     @classmethod
-    def read(cls, f, name="image"):
+    def read(cls, f: ImageFile, name: str = "image") -> Self:
         """Read, choose and check a header copy of an open binary file."""
         file_size = f.seek(0, os.SEEK_END)
         primary = _read_copy(f, 0)
@@ -105,7 +105,8 @@ class Luks2Header(Payload):
         return cls.from_json(bin_header.at(0, bin_header.seqid), doc, name, file_size, tuple(warnings), fid)
 
     @classmethod
-    def from_json(cls, bin_header, doc, name, file_size, warnings=(), fid=None):
+    def from_json(cls, bin_header: BinaryHeader, doc: JsonObject, name: str, file_size: int,
+                  warnings: tuple[str, ...] = (), fid: FileId | None = None) -> Self:
         """Validate the metadata ``doc`` against the binary header and the file size."""
         w = f"{name}: LUKS2"
         for key in ("keyslots", "segments", "digests", "tokens", "config"):
@@ -134,7 +135,7 @@ class Luks2Header(Payload):
         header.check_layout()
         return header
 
-    def check_layout(self):
+    def check_layout(self) -> None:
         """Keyslot areas inside the keyslots area and the file, apart; segment after them
         (or at 0, in a detached header's data file).  The segment is checked against the
         data file, which only the volume knows, when the volume opens."""
@@ -157,10 +158,10 @@ class Luks2Header(Payload):
 
     # -- keys ----------------------------------------------------------------------
 
-    def unlock(self, passphrase, f, slot=None):
+    def unlock(self, passphrase: Passphrase, f: ImageFile, slot: int | None = None) -> bytearray:
         return self.unlock_slot(passphrase, f, slot)[1]
 
-    def unlock_slot(self, passphrase, f, slot=None):
+    def unlock_slot(self, passphrase: Passphrase, f: ImageFile, slot: int | None = None) -> tuple[int, bytearray]:
         """``(slot, master_key)``: cryptsetup's order, priority 2 first, 0 never unless
         named; a named slot at any cost, else within the unlock budget."""
         candidates = [slot] if slot is not None else sorted(
@@ -177,13 +178,13 @@ class Luks2Header(Payload):
         sealing = self.keyslots[slot_id].sealing
         return sealing.kdf.cost(sealing.key_bytes) + self.digest.kdf.cost(len(self.digest.digest))
 
-    def check_master_key(self, key):
+    def check_master_key(self, key: Key) -> None:
         if len(key) != self.key_bytes:
             raise InputError(f"{self.name}: master key is {len(key)} bytes, the header says {self.key_bytes}")
         if not self.digest.matches(key):
             raise BadPassphraseError(f"{self.name}: master key does not match the header's digest")
 
-    def payload_cipher(self, master_key):
+    def payload_cipher(self, master_key: Key) -> SectorCipher:
         # dm-crypt counts a LUKS2 segment's IVs in 512-byte units whatever its sector
         # size (cryptsetup sets iv_large_sectors only for plain mode); iv_tweak too.
         return SectorCipher(self.cipher_spec, master_key, sector_size=self.sector_size,
@@ -200,24 +201,27 @@ class Luks2Header(Payload):
 
     # -- keyslot changes -----------------------------------------------------------
 
-    def active_keyslots(self):
+    def active_keyslots(self) -> list[int]:
         return list(self.digest.keyslots)
 
-    def free_keyslots(self):
+    def free_keyslots(self) -> set[int]:
         return set(range(MAX_KEYSLOTS)) - set(self.keyslots)
 
-    def slot_for_change(self, slot_id):
+    def slot_for_change(self, slot_id: int) -> int:
         """A changed passphrase keeps its keyslot number (in a new area)."""
         return slot_id
 
-    def new_kdf(self, pbkdf=None, iter_time_ms=2000, **options):
-        return new_kdf(pbkdf or "argon2id", iter_time_ms, self.key_bytes, **options)
+    def new_kdf(self, pbkdf: str | None = None, iter_time_ms: int = 2000, memory_kb: int | None = None,
+                cpus: int | None = None, iterations: int | None = None) -> Kdf:
+        return new_kdf(pbkdf or "argon2id", iter_time_ms, self.key_bytes, memory_kb=memory_kb, cpus=cpus,
+                       iterations=iterations)
 
-    def with_keyslot(self, slot_id, passphrase, master_key, kdf, replacing=None):
+    def with_keyslot(self, slot_id: int, passphrase: Passphrase, master_key: Key, kdf: Kdf,
+                     replacing: int | None = None) -> tuple[Self, Writes]:
         """``(new header, writes)`` adding keyslot ``slot_id`` (taking the place of
         ``replacing``), its material in an area no live keyslot uses."""
         key_bytes = len(master_key)
-        template = self.keyslots.get(replacing) or self.keyslots.get(self.digest.keyslots[0])
+        template = self.keyslots[self.digest.keyslots[0] if replacing is None else replacing]
         size = keyslots.area_size(key_bytes)
         sealing = Sealing(kdf, template.sealing.spec, template.sealing.key_bytes, template.sealing.af_hash)
         slot = keyslots.Keyslot(slot_id, key_bytes, sealing, self._free_area(size), size)
@@ -237,30 +241,17 @@ class Luks2Header(Payload):
             writes.append((old.offset, os.urandom(old.size)))
         return new, writes
 
-    def without_keyslot(self, slot_id):
+    def without_keyslot(self, slot_id: int) -> tuple[Self, Writes]:
         """``(new header, writes)`` removing keyslot ``slot_id`` and then wiping its area."""
-        old = self.keyslots[slot_id]
-        new = self._rewritten(self._doc_without({slot_id}))
-        return new, [*new.header_writes(), (old.offset, os.urandom(old.size))]
-
-    def erased(self):
-        """``(new header, writes)`` removing every keyslot, then overwriting the whole
-        keyslots area with random bytes (cryptsetup luksErase)."""
-        new = self._rewritten(self._doc_without(set(self.keyslots)))
-        return new, [*new.header_writes(), (self.metadata_size, os.urandom(self.keyslots_size))]
-
-    def _doc_without(self, slot_ids):
-        """A copy of the metadata without the keyslots ``slot_ids``, also in the
-        digests and tokens that name them."""
         doc = copy.deepcopy(self.doc)
-        gone = {str(s) for s in slot_ids}
-        for key in gone:
-            del doc["keyslots"][key]
+        del doc["keyslots"][str(slot_id)]
         for section in ("digests", "tokens"):
             for item in doc[section].values():
                 if isinstance(item, dict) and isinstance(item.get("keyslots"), list):
-                    item["keyslots"] = [k for k in item["keyslots"] if k not in gone]
-        return doc
+                    item["keyslots"] = [k for k in item["keyslots"] if k != str(slot_id)]
+        old = self.keyslots[slot_id]
+        new = self._rewritten(doc)
+        return new, [*new.header_writes(), (old.offset, os.urandom(old.size))]
 
     def _free_area(self, size):
         """The lowest 4 KiB-aligned gap of ``size`` bytes in the keyslots area."""
@@ -273,15 +264,15 @@ class Luks2Header(Payload):
             raise InputError(f"{self.name}: no room left in the keyslots area")
         return offset
 
-    def _rewritten(self, doc):
+    def _rewritten(self, doc: JsonObject) -> Self:
         bin_header = replace(self.binary, seqid=self.binary.seqid + 1)
         return type(self).from_json(bin_header, doc, self.name, self.file_size, (), self.file_id)
 
-    def repaired(self):
+    def repaired(self) -> Writes:
         """The writes that make both copies this one again, with the next seqid."""
         return self._rewritten(self.doc).header_writes()
 
-    def header_writes(self):
+    def header_writes(self) -> Writes:
         """The two copies to write, secondary first (both with this header's seqid)."""
         area = pack_json(self.doc, self.binary.json_size)
         return [(self.binary.hdr_size, self.binary.at(self.binary.hdr_size, self.binary.seqid).pack(area)),
@@ -289,7 +280,7 @@ class Luks2Header(Payload):
 
     # -- showing -------------------------------------------------------------------
 
-    def info(self):
+    def info(self) -> dict[str, object]:
         """What ``luksDump`` shows, without salts, digests or anything secret."""
         seg = self.segment
         return {
@@ -356,7 +347,7 @@ def _read_copy(f, offset):
         return str(e)
 
 
-def parse_json(area):
+def parse_json(area: bytes) -> JsonObject:
     text, nul, _ = bytes(area).partition(b"\0")
     if not nul:
         raise FormatError("JSON area is not NUL-terminated")
@@ -369,7 +360,7 @@ def parse_json(area):
     return doc
 
 
-def pack_json(doc, json_size):
+def pack_json(doc: JsonObject, json_size: int) -> bytes:
     text = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     if len(text) >= json_size:
         raise InputError(f"LUKS2 metadata of {len(text)} bytes does not fit the {json_size}-byte JSON area")

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from nbdcrypt.crypto.kdf import ARGON2_TYPES, Kdf
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import FormatError, InputError, UnsupportedError
-from nbdcrypt.formats.luks_common import STRIPES, Sealing
 from nbdcrypt.formats.luks2 import fields
+from nbdcrypt.formats.luks2.fields import JsonObject
+from nbdcrypt.formats.luks_common import STRIPES, Sealing
 
 MAX_KEY_BYTES = 512  # cryptsetup's own limit on any volume key
 AREA_ALIGN = 4096
@@ -21,9 +22,9 @@ class Keyslot:
     size: int
     priority: int = 1  # 0: ignored when unlocking without a slot number, 2: tried first
 
-    def to_json(self):
+    def to_json(self) -> JsonObject:
         kdf = self.sealing.kdf
-        kdf_json = {"type": kdf.type}
+        kdf_json: JsonObject = {"type": kdf.type}
         if kdf.type == "pbkdf2":
             kdf_json |= {"hash": kdf.hash, "iterations": kdf.time}
         else:
@@ -39,7 +40,7 @@ class Keyslot:
         }
 
 
-def parse(slot_id, data, where):
+def parse(slot_id: int, data: JsonObject, where: str) -> Keyslot:
     """A checked Keyslot from its JSON object; UnsupportedError for other types."""
     kind = fields.text(data, "type", where)
     if kind != "luks2":
@@ -86,6 +87,6 @@ def _kdf(data, where):
     return kdf
 
 
-def area_size(key_bytes):
+def area_size(key_bytes: int) -> int:
     """cryptsetup's area size: the sealed material rounded up to 4 KiB."""
     return -(-key_bytes * STRIPES // AREA_ALIGN) * AREA_ALIGN

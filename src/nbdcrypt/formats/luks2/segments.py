@@ -6,6 +6,7 @@ from nbdcrypt.crypto.engine import SECTOR_SIZES
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import FormatError, UnsupportedError
 from nbdcrypt.formats.luks2 import fields
+from nbdcrypt.formats.luks2.fields import JsonObject
 
 
 @dataclass(frozen=True)
@@ -16,14 +17,14 @@ class Segment:
     spec: CipherSpec
     sector_size: int
 
-    def to_json(self):
+    def to_json(self) -> JsonObject:
         return {"type": "crypt", "offset": str(self.offset),
                 "size": "dynamic" if self.size is None else str(self.size),
                 "iv_tweak": str(self.iv_tweak), "encryption": str(self.spec),
                 "sector_size": self.sector_size}
 
 
-def parse(data, where):
+def parse(data: JsonObject, where: str) -> Segment:
     kind = fields.text(data, "type", where)
     if kind != "crypt":
         raise UnsupportedError(f"{where} has unsupported type {kind!r}")
