@@ -10,6 +10,7 @@ of a 64-byte key take a few milliseconds.
 """
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from nbdcrypt.crypto.secrets import Secret
 from nbdcrypt.errors import InputError
 
 
-def _diffuser(length, hash_name):
+def _diffuser(length: int, hash_name: str) -> Callable[[bytes], bytes]:
     """The diffusion function for blocks of ``length`` bytes.
 
     Each digest-sized chunk i becomes H(be32(i) || chunk i); a short last chunk keeps
@@ -28,7 +29,7 @@ def _diffuser(length, hash_name):
     size = new_hash().digest_size
     chunks = [(new_hash(i.to_bytes(4, "big")), start) for i, start in enumerate(range(0, length, size))]
 
-    def diffuse(block):
+    def diffuse(block: bytes) -> bytes:
         out = []
         for prefixed, start in chunks:
             h = prefixed.copy()
@@ -39,7 +40,7 @@ def _diffuser(length, hash_name):
     return diffuse
 
 
-def _chain(material, length, stripes, hash_name):
+def _chain(material: bytearray | memoryview, length: int, stripes: int, hash_name: str) -> int:
     """XOR and diffuse all stripes but the last: the value that masks the key."""
     diffuse = _diffuser(length, hash_name)
     acc = 0
@@ -49,12 +50,12 @@ def _chain(material, length, stripes, hash_name):
     return acc
 
 
-def _check(length, stripes):
+def _check(length: int, stripes: int) -> None:
     if length <= 0 or stripes <= 0:
         raise InputError(f"anti-forensic split needs a non-empty key and stripes, got {length} x {stripes}")
 
 
-def split(key, stripes, hash_name):
+def split(key: bytes | bytearray | memoryview, stripes: int, hash_name: str) -> bytearray:
     """Split ``key`` into ``stripes * len(key)`` bytes of anti-forensic material (a bytearray)."""
     length = len(key)
     _check(length, stripes)
@@ -64,7 +65,7 @@ def split(key, stripes, hash_name):
     return material
 
 
-def merge(material, length, stripes, hash_name):
+def merge(material: bytes | bytearray | memoryview, length: int, stripes: int, hash_name: str) -> Secret:
     """Recover the ``length``-byte key (a Secret) from the start of ``material``."""
     _check(length, stripes)
     if len(material) < length * stripes:

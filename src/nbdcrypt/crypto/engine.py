@@ -34,6 +34,7 @@ may serve many threads at once.
 """
 
 import ctypes
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -44,6 +45,9 @@ from nbdcrypt.crypto.native import ENGINE  # noqa: F401 -- "native" or "numpy": 
 from nbdcrypt.crypto.secrets import Secret
 from nbdcrypt.crypto.spec import ESSIV_HASHES, CipherSpec
 from nbdcrypt.errors import InputError, UnsupportedError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typeshed's; not needed at run time
 
 BLOCK = 16  # AES's and XTS's block, and the largest
 CHUNK = 1 << 20
@@ -82,10 +86,10 @@ class SectorCipher:
         self._mode = _MODES[spec.mode](spec.cipher, key, sector_size)
         self._idle: list[_ThreadState] = []  # states no call is using
 
-    def encrypt(self, buf, sector: int) -> None:
+    def encrypt(self, buf: "Buffer", sector: int, /) -> None:
         self._apply(buf, sector, encrypt=True)
 
-    def decrypt(self, buf, sector: int) -> None:
+    def decrypt(self, buf: "Buffer", sector: int, /) -> None:
         self._apply(buf, sector, encrypt=False)
 
     def _apply(self, buf, sector, encrypt):

@@ -12,15 +12,20 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from argon2.low_level import Type, hash_secret_raw
 
 from nbdcrypt.errors import FormatError, InputError, UnsupportedError
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typeshed's; not needed at run time
+
 # LUKS hash-spec name -> hashlib name.  cryptsetup also knows whirlpool, stribog and
 # others that OpenSSL 3 does not ship by default; those stay unsupported.
-_HASHES = {
+_HASHES: dict[str | None, str] = {  # None: a header that names no hash
     "sha1": "sha1",
     "sha224": "sha224",
     "sha256": "sha256",
@@ -34,31 +39,33 @@ _BENCH_SECONDS = 0.05
 
 
 @functools.cache
-def hash_factory(name):
+def hash_factory(name: str | None) -> Callable[..., "hashlib._Hash"]:
     """The hashlib constructor for a LUKS hash name; UnsupportedError if there is none.
 
     ripemd160 depends on OpenSSL's build, so support is probed, not assumed.
     """
     lib_name = _HASHES.get(name)
     try:
+        if lib_name is None:
+            raise ValueError(name)
         hashlib.new(lib_name, b"")
-    except (TypeError, ValueError):  # unknown name, or OpenSSL without the digest
+    except ValueError:  # unknown name, or OpenSSL without the digest
         raise UnsupportedError(f"unsupported hash {name}") from None
     return functools.partial(hashlib.new, lib_name)
 
 
-def digest_size(name):
+def digest_size(name: str | None) -> int:
     return hash_factory(name)().digest_size
 
 
-def pbkdf2(hash_name, password, salt, iterations, length):
+def pbkdf2(hash_name: str | None, password: "Buffer", salt: "Buffer", iterations: int, length: int) -> bytes:
     """PBKDF2-HMAC (RFC 8018) with a LUKS hash name; returns ``length`` bytes."""
     hash_factory(hash_name)
     return hashlib.pbkdf2_hmac(_HASHES[hash_name], password, salt, iterations, length)
 
 
 @functools.cache
-def _blocks_per_second(hash_name):
+def _blocks_per_second(hash_name: str) -> float:
     """PBKDF2 iterations per second of thread CPU time, for one digest-sized output block.
 
     Thread CPU time, like cryptsetup's benchmark, so a busy machine or other threads
@@ -74,7 +81,7 @@ def _blocks_per_second(hash_name):
         iterations *= 2
 
 
-def pbkdf2_iterations(hash_name, iter_time_ms, length, minimum=1000):
+def pbkdf2_iterations(hash_name: str, iter_time_ms: float, length: int, minimum: int = 1000) -> int:
     """Iterations that make PBKDF2 producing ``length`` bytes take about ``iter_time_ms``.
 
     Each output block of the hash's digest size costs a full run of iterations, as
@@ -109,7 +116,7 @@ class Kdf:
     memory: int = 0
     cpus: int = 0
 
-    def check(self, where):
+    def check(self, where: str) -> None:
         """FormatError/UnsupportedError unless every parameter is in cryptsetup's range."""
         if self.type == "pbkdf2":
             try:
@@ -124,7 +131,7 @@ class Kdf:
         else:
             raise UnsupportedError(f"{where}: unsupported key derivation {self.type}")
 
-    def cost(self, length):
+    def cost(self, length: int) -> int:
         """Work units to derive ``length`` bytes, to bound what one unlock spends: PBKDF2
         runs its iterations once per output block; an Argon2 pass over 1 KiB costs about
         four PBKDF2 iterations (0.2-1 microsecond each, on one core)."""
@@ -132,7 +139,7 @@ class Kdf:
             return self.time * math.ceil(length / digest_size(self.hash))
         return 4 * self.time * self.memory
 
-    def derive(self, passphrase, length):
+    def derive(self, passphrase: "Buffer", length: int) -> bytearray:
         """``length`` bytes derived from ``passphrase``, as a bytearray to wipe."""
         if self.type == "pbkdf2":
             return bytearray(pbkdf2(self.hash, passphrase, self.salt, self.time, length))
@@ -140,18 +147,18 @@ class Kdf:
                                          self.cpus, length, ARGON2_TYPES[self.type]))
 
 
-def _check_range(value, low, high, what):
+def _check_range(value: object, low: int, high: int, what: str) -> None:
     if not (isinstance(value, int) and low <= value <= high):
         raise FormatError(f"{what} is {value}, expected {low} to {high}")
 
 
-def default_argon2_memory():
+def default_argon2_memory() -> int:
     """cryptsetup's default: 1 GiB, but never more than half the physical memory."""
     physical_kb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
     return min(1024 * 1024, physical_kb // 2)
 
 
-def argon2_params(iter_time_ms, memory_kb, cpus):
+def argon2_params(iter_time_ms: float, memory_kb: int, cpus: int) -> tuple[int, int]:
     """Argon2 ``(time, memory)`` that take about ``iter_time_ms``, as cryptsetup picks
     them: memory first, then time (at least 4); if 4 passes are already too slow,
     less memory."""
@@ -164,8 +171,8 @@ def argon2_params(iter_time_ms, memory_kb, cpus):
     return MIN_ARGON2_TIME, max(8 * cpus, int(memory_kb * passes / MIN_ARGON2_TIME))
 
 
-def new_kdf(kind, iter_time_ms, key_bytes, hash_name="sha256", memory_kb=None, cpus=None,
-            iterations=None, salt_size=32):
+def new_kdf(kind: str, iter_time_ms: float, key_bytes: int, hash_name: str = "sha256", memory_kb: int | None = None,
+            cpus: int | None = None, iterations: int | None = None, salt_size: int = 32) -> Kdf:
     """A fresh keyslot Kdf with a random salt, costed like cryptsetup's luksFormat;
     ``iterations`` skips the benchmark (cryptsetup's --pbkdf-force-iterations)."""
     if iter_time_ms <= 0:

@@ -7,8 +7,13 @@ import) forces it; the numpy engine is also the reference the kernel is tested a
 """
 
 import os
+from typing import TYPE_CHECKING
 
+from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typeshed's; not needed at run time
 
 Kernel: "type[_sector.Kernel] | None"
 try:
@@ -24,7 +29,7 @@ ENGINE = "native" if Kernel is not None and os.environ.get("NBDCRYPT_ENGINE") !=
 _MASK64 = (1 << 64) - 1
 
 
-def engine_for(spec, engine=None):
+def engine_for(spec: CipherSpec, engine: str | None = None) -> str:
     """The engine that runs ``spec``: ``engine`` ("native" or "numpy", default ENGINE) for
     AES, "numpy" for the other ciphers."""
     engine = engine or ENGINE
@@ -33,7 +38,8 @@ def engine_for(spec, engine=None):
     return engine if spec.cipher == "aes" else "numpy"
 
 
-def kernel(spec, key, sector_size, iv_step, iv_tweak, engine=None):
+def kernel(spec: CipherSpec, key: "Buffer", sector_size: int, iv_step: int, iv_tweak: int,
+           engine: str | None = None) -> "_sector.Kernel | None":
     """A Kernel that runs ``spec`` (its ``encrypt``/``decrypt`` take a buffer and the
     first sector's number), or None where the numpy engine runs it."""
     if engine_for(spec, engine) == "numpy":

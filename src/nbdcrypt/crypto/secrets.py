@@ -15,6 +15,11 @@ import resource
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typeshed's; not needed at run time
 
 PR_SET_DUMPABLE = 4
 MAX_KEY_FILE = 8 << 20  # cryptsetup's default keyfile size limit
@@ -30,7 +35,7 @@ _guard = threading.RLock()  # a Secret freed by the garbage collector may come b
 _warned = False
 
 
-def protect_process():
+def protect_process() -> None:
     """No core dumps, no ptrace or /proc/PID/mem for other processes of our user.
     Children inherit the core limit; exec resets the dumpable flag, so each program
     that holds keys calls this itself."""
@@ -43,29 +48,30 @@ class Secret(bytearray):
     wiped or freed.  Never resize one: its buffer would move and leave a copy behind."""
 
     __slots__ = ("_pages",)
+    _pages: "range | tuple[()]"
 
-    def __init__(self, data=0):
+    def __init__(self, data: "int | Buffer" = 0) -> None:
         super().__init__(data)
         self._pages = _lock_pages(self)
 
-    def __del__(self):
+    def __del__(self) -> None:
         wipe(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<secret of {len(self)} bytes>"
 
 
-def wipe(buf):
+def wipe(buf: bytearray | memoryview) -> None:
     """Zero the writable buffer ``buf`` in place; a :class:`Secret` is also unlocked."""
     if len(buf):
         ctypes.memset(_address(buf), 0, len(buf))
-    pages = getattr(buf, "_pages", ())
-    if pages:
+    pages = getattr(buf, "_pages", ())  # a Secret's; none if its __init__ failed
+    if isinstance(buf, Secret) and pages:
         buf._pages = ()
         _unlock_pages(pages)
 
 
-def joined(parts):
+def joined(parts: Sequence[bytearray]) -> Secret:
     """One Secret holding ``parts`` in order; the parts are wiped."""
     out, pos = Secret(sum(map(len, parts))), 0
     for part in parts:
@@ -75,7 +81,7 @@ def joined(parts):
     return out
 
 
-def read_secret(fd, limit, line=False):
+def read_secret(fd: int, limit: int, line: bool = False) -> Secret:
     """Up to ``limit`` bytes from ``fd`` (up to a newline if ``line``) as an exact-size
     Secret; OSError as the read raises it.  The buffer starts at a page and doubles,
     so a short secret locks little; a line is read a byte at a time so nothing after
@@ -96,14 +102,14 @@ def read_secret(fd, limit, line=False):
         wipe(buf)
 
 
-def _grown(buf, size):
+def _grown(buf: Secret, size: int) -> Secret:
     bigger = Secret(size)
     bigger[:len(buf)] = buf
     wipe(buf)
     return bigger
 
 
-def lock_all_memory():
+def lock_all_memory() -> None:
     """Lock every page this process has now (mlockall MCL_CURRENT), for a process whose
     key material sits where no :class:`Secret` reaches: a crypt worker, whose ciphers'
     key schedules live in OpenSSL's heap.  Not MCL_FUTURE: under a small RLIMIT_MEMLOCK
@@ -112,7 +118,7 @@ def lock_all_memory():
         _cannot_lock(ctypes.get_errno())
 
 
-def _lock_pages(buf):
+def _lock_pages(buf: bytearray) -> "range | tuple[()]":
     if not len(buf):
         return ()
     start = _address(buf)
@@ -125,7 +131,7 @@ def _lock_pages(buf):
     return pages
 
 
-def _unlock_pages(pages):
+def _unlock_pages(pages: Iterable[int]) -> None:
     with _guard:
         for page in pages:
             _locked[page] -= 1
@@ -134,7 +140,7 @@ def _unlock_pages(pages):
                 _libc.munlock(page, PAGE)
 
 
-def _cannot_lock(error):
+def _cannot_lock(error: int) -> None:
     """Say once per process that key material may reach swap (never what it is)."""
     global _warned
     if not _warned:
@@ -144,5 +150,5 @@ def _cannot_lock(error):
               f"{limit} bytes): it may reach swap", file=sys.stderr, flush=True)
 
 
-def _address(buf):
+def _address(buf: bytearray | memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -10,6 +10,7 @@ and sm4, and the 64-bit cast5 (QEMU's ``cast5-128``), which runs only in CBC and
 ECB: XTS is defined for 128-bit blocks, and the engine's CTR counts in them.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -33,7 +34,7 @@ IVS = ("plain64", "plain", "plain64be", "essiv", "benbi", "null")
 
 # ESSIV keys the block cipher with the whole digest (dm-crypt, cryptsetup and QEMU
 # alike), so only digests of one of the cipher's key sizes fit.
-ESSIV_HASHES = {
+ESSIV_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "md5": hashes.MD5,
     "sha256": hashes.SHA256,
     "sha3-256": hashes.SHA3_256,
@@ -50,7 +51,7 @@ class CipherSpec:
     iv: str
     iv_hash: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # ECB has no IV; dm-crypt ignores one if given, and QEMU writes "ecb-plain64".
         iv_ok = self.iv in IVS or (self.mode == "ecb" and self.iv == "")
         hash_ok = self.iv_hash in ESSIV_HASHES if self.iv == "essiv" else self.iv_hash is None
@@ -59,7 +60,8 @@ class CipherSpec:
         if self.block_size != 16 and self.mode in WIDE_BLOCK_MODES:
             raise UnsupportedError(f"unsupported cipher {self}: {self.mode} works with 128-bit block "
                                    f"ciphers only, and {self.cipher} has {8 * self.block_size}-bit blocks")
-        if self.iv == "essiv" and ESSIV_HASHES[self.iv_hash].digest_size not in CIPHER_KEY_SIZES[self.cipher]:
+        essiv = ESSIV_HASHES[self.iv_hash]() if self.iv == "essiv" and self.iv_hash else None
+        if essiv is not None and essiv.digest_size not in CIPHER_KEY_SIZES[self.cipher]:
             raise UnsupportedError(f"unsupported cipher {self}: ESSIV keys {self.cipher} with the "
                                    f"digest, and a {self.iv_hash} digest is not a {self.cipher} key")
 
@@ -94,12 +96,12 @@ class CipherSpec:
             raise InputError(f"key size {8 * key_bytes} bits does not fit {self} ({allowed} bits)")
 
     @property
-    def block_size(self):
+    def block_size(self) -> int:
         """The block cipher's block in bytes."""
         return BLOCK_SIZES.get(self.cipher, 16)
 
     @property
-    def key_sizes(self):
+    def key_sizes(self) -> tuple[int, ...]:
         """The key sizes in bytes this spec accepts (XTS: both halves together)."""
         if self.mode != "xts":
             return CIPHER_KEY_SIZES[self.cipher]
@@ -111,7 +113,7 @@ class CipherSpec:
         return _join(self.cipher, self.mode, self.iv, self.iv_hash)
 
 
-def _join(cipher, mode, iv, iv_hash):
+def _join(cipher: str, mode: str, iv: str, iv_hash: str | None) -> str:
     parts = [cipher, mode]
     if iv:
         parts.append(f"{iv}:{iv_hash}" if iv_hash else iv)
