@@ -1,4 +1,4 @@
-"""The ``nbdcrypt`` command line: serve, format, info, keyslot, repair.
+"""The ``nbdcrypt`` command line: serve, format, info, keyslot, repair, header, erase.
 
 Every nbdcrypt error ends as one line on stderr and the error's exit status
 (2 for bad input); nothing else prints a traceback at the user.
@@ -171,6 +171,39 @@ def build_parser():
     add_image_options(repair)
     repair.set_defaults(run=run_repair)
 
+    header = commands.add_parser(
+        "header", help="back up or restore a LUKS header and its keyslots (as cryptsetup)",
+        description="Back up or restore IMAGE's LUKS header and keyslot areas, in the file format "
+                    "of cryptsetup luksHeaderBackup: each tool restores the other's backups.")
+    actions = header.add_subparsers(dest="action", required=True, metavar="ACTION")
+    backup = actions.add_parser(
+        "backup", help="write the header and keyslot areas to a new FILE",
+        description="Write IMAGE's LUKS header and keyslot areas to FILE, created with mode 0600 "
+                    "(an existing FILE is never overwritten). The backup holds the keyslots: whoever "
+                    "has it and a passphrase it knew can open the volume, even after the passphrase "
+                    "was changed on the image.")
+    restore = actions.add_parser(
+        "restore", help="write a header backup back onto IMAGE",
+        description="Replace IMAGE's LUKS header and keyslots with those in FILE (made by `nbdcrypt "
+                    "header backup` or cryptsetup luksHeaderBackup). Refused for a served image, a "
+                    "backup whose data offset or header size differs from the image's, and, unless "
+                    "--force, a backup of another volume (UUID) or an image without a readable LUKS header.")
+    for sub in (backup, restore):
+        add_image_options(sub)
+        sub.add_argument("file", metavar="FILE", help="the header backup file")
+        sub.set_defaults(run=run_header)
+    restore.add_argument("--force", action="store_true",
+                         help="restore a backup of another volume, or onto an image whose header is unreadable")
+
+    erase = commands.add_parser(
+        "erase", help="destroy every keyslot: no passphrase opens the image any more",
+        description="Remove every keyslot of IMAGE and overwrite the keyslot areas with random bytes, "
+                    "as cryptsetup luksErase; only a header backup can open the volume afterwards. "
+                    "Asks for confirmation on a terminal; refused for a served image.")
+    add_image_options(erase)
+    erase.add_argument("--batch-mode", "-q", action="store_true", help="do not ask for confirmation")
+    erase.set_defaults(run=run_erase)
+
     info = commands.add_parser("info", help="show an image's header (no secrets)",
                                description="Print format, cipher, key size, sector size, payload "
                                            "geometry and keyslots of IMAGE. Needs no passphrase.")
@@ -312,6 +345,65 @@ def run_repair(args):
         commit(f, header.repaired())
     print(f"{path}: both header copies rewritten")
     return 0
+
+
+def run_header(args):
+    from ..formats import luks_backup
+    from ..formats.luks_common import commit
+
+    path = args.header or args.image
+    if args.action == "backup":
+        with open_image(path) as f:
+            data = luks_backup.backup(f, read_header(f, path))
+        create_file(args.file, len(data), [(0, data)])
+        print(f"{path}: header backed up to {args.file} ({len(data)} bytes)")
+        return 0
+    with open_image(args.file) as source, open_for_change(args) as target:
+        commit(target, luks_backup.restore_writes(source, read_header(source, args.file), target, path,
+                                                  args.force))
+    print(f"{path}: header restored from {args.file}")
+    return 0
+
+
+def run_erase(args):
+    from ..formats.luks_backup import require_luks
+    from ..formats.luks_common import commit
+
+    path = args.header or args.image
+    with open_for_change(args) as f:
+        header = read_header(f, path)
+        require_luks(header, "erase")
+        if not args.batch_mode:
+            confirm(f"This operation will erase all keyslots on {path}.\n"
+                    f"The volume will become unusable after this operation.", "keyslots were NOT wiped")
+        commit(f, header.erased()[1])
+    print(f"{path}: every keyslot erased")
+    return 0
+
+
+def confirm(warning, refused):
+    """Ask on the terminal as cryptsetup does; InputError unless the answer is YES.
+    Without a terminal nothing can be asked: the caller must pass --batch-mode."""
+    if not sys.stdin.isatty():
+        raise InputError(f"no terminal to confirm on: pass --batch-mode (-q) to go ahead; {refused}")
+    print(f"\nWARNING!\n========\n{warning}\n\nAre you sure? (Type 'yes' in capital letters): ", end="", flush=True)
+    if sys.stdin.readline() != "YES\n":
+        raise InputError(f"operation aborted, {refused}")
+
+
+@contextlib.contextmanager
+def open_for_change(args):
+    """The header file open for writing, with IMAGE locked as serve locks it, so a served
+    image (or one QEMU writes) is refused before anything is read or written."""
+    from ..storage.locking import lock_image
+
+    with open_image(args.image, "r+b") as image:
+        lock_image(image.fileno(), args.image, readonly=False)
+        if args.header is None:
+            yield image
+        else:
+            with open_image(args.header, "r+b") as header:
+                yield header
 
 
 @contextlib.contextmanager
