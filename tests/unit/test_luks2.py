@@ -257,6 +257,16 @@ def test_keyslot_rules(image):
     assert read(image) == header  # nothing was written
 
 
+def test_a_header_without_keyslots_refuses_a_new_passphrase_in_one_line(image):
+    """With no keyslot left the volume key's size is unknown: PBKDF2's cost (which
+    depends on it) once failed with a TypeError traceback."""
+    with open(image, "r+b") as f:
+        header, writes = read(image).without_keyslot(0)
+        luks_common.commit(f, writes)
+        with pytest.raises(InputError, match="disk.img: no keyslot is left"):
+            luks_common.add_passphrase(f, read(image), OLD, NEW, **{**FAST_KDF, "iterations": None})
+
+
 # -- crash safety ------------------------------------------------------------------------
 
 

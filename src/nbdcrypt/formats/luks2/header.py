@@ -213,6 +213,8 @@ class Luks2Header(Payload):
 
     def new_kdf(self, pbkdf: str | None = None, iter_time_ms: int = 2000, memory_kb: int | None = None,
                 cpus: int | None = None, iterations: int | None = None) -> Kdf:
+        if self.key_bytes is None:  # the keyslots told it; PBKDF2's cost depends on it
+            raise InputError(f"{self.name}: no keyslot is left, so no passphrase opens the volume key")
         return new_kdf(pbkdf or "argon2id", iter_time_ms, self.key_bytes, memory_kb=memory_kb, cpus=cpus,
                        iterations=iterations)
 
