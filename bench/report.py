@@ -14,7 +14,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import geometric_mean
 
@@ -76,8 +76,9 @@ def machine():
     flags = set(field("flags").split())
     return {"cpu": field("model name"), "cores": os.cpu_count(), "aes_flags": [f for f in AES_FLAGS if f in flags],
             "kernel": platform.release(), "python": platform.python_version(),
-            "tools": {cmd[0]: _first_line(cmd) for cmd in TOOLS}, "commit": _first_line(["git", "describe", "--always", "--dirty"]),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "tools": {cmd[0]: _first_line(cmd) for cmd in TOOLS},
+            "commit": _first_line(["git", "describe", "--always", "--dirty"]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def _first_line(cmd):
@@ -130,7 +131,8 @@ def _preamble(data):
 def _goals(r):
     lines = ["", "## The issue's targets", "", ("Each goal holds for every cell it names; the worst cell is shown "
               "(MB/s: the lowest ratio; CPU per request: the highest)."), "",
-             "| target | cells | worst cell | nbdcrypt | peer | ratio | goal | |", "|---|---|---|---:|---:|---:|---:|---|"]
+             "| target | cells | worst cell | nbdcrypt | peer | ratio | goal | |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for subject in r.subjects:
         for goal in GOALS:
             lines.append(_goal_row(r, subject, goal))
@@ -153,7 +155,8 @@ def _goal_row(r, subject, goal):
     unit = " us" if goal.key == CPU else ""
     return (f"| {subject} vs {peer} | {what} | {cell} | {_num(r.get(subject, cell, goal.key), unit)} "
             f"| {_num(r.get(peer, cell, goal.key), unit)} | {_num(ratios[cell], 'x')} "
-            f"| {'<=' if goal.key == CPU else '>='} {goal.bound}x | {'met' if goal.met(ratios[cell]) else '**missed**'} |")
+            f"| {'<=' if goal.key == CPU else '>='} {goal.bound}x "
+            f"| {'met' if goal.met(ratios[cell]) else '**missed**'} |")
 
 
 def _describe(cells):
@@ -243,7 +246,7 @@ def _bars(r, key, qd, ylabel, path, scale=None):
     workloads = list(dict.fromkeys(c.workload for c in r.cells))
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4.2), squeeze=False)
     width = 0.8 / len(r.measured)
-    for ax, bs in zip(axes[0], sizes):
+    for ax, bs in zip(axes[0], sizes, strict=True):
         for i, t in enumerate(r.measured):
             values = [(r.get(t["name"], Cell(w, bs, qd), key) or 0) * (scale or 1) for w in workloads]
             ax.bar([x + (i - (len(r.measured) - 1) / 2) * width for x in range(len(workloads))], values, width,
@@ -272,11 +275,11 @@ def _lines(r, key, panels, xs, cell, title, xlabel, ylabel, path, log=False):
     """One panel per item of ``panels``, in each a line per target over ``xs`` (powers of two);
     ``cell(panel, x)`` names the cell of a point; unmeasured points are left out."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         for t in r.measured:
             points = [(x, y) for x in xs if (y := r.get(t["name"], cell(panel, x), key))]
             if points:
-                ax.plot(*zip(*points), marker="o", label=t["label"], color=COLOURS.get(t["name"]))
+                ax.plot(*zip(*points, strict=True), marker="o", label=t["label"], color=COLOURS.get(t["name"]))
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [human_size(x).replace(" ", "") if x >= 1024 else str(x) for x in xs])
         ax.set_title(title(panel))
@@ -313,14 +316,15 @@ def _comparison_tables(old, new, paths, targets, cells):
     lines = ["# nbdcrypt benchmark: two runs side by side", ""]
     lines += [(f"- {which}: `{path}`: `{r.data['command']}` at commit {r.data['machine']['commit']}, "
                f"{r.data['machine']['date']}, serving with {r.data['settings'].get('nbdcrypt', 'its own nbdcrypt')}")
-              for which, path, r in zip(("old", "new"), paths, (old, new))]
+              for which, path, r in zip(("old", "new"), paths, (old, new), strict=True)]
     lines += ["", ("Each entry is old -> new (new / old); bold where an nbdcrypt target got worse. The runs were "
                    "not interleaved: the peers' ratios (their code is the same in both) show how far the machine "
                    "itself drifted between the runs.")]
     for key, title in (("mbps", "MB/s (read + write)"), (CPU, "Server CPU per request, microseconds")):
         lines += ["", f"## {title}", "", "| cell | " + " | ".join(t["name"] for t in targets) + " |",
                   "|---|" + "---:|" * len(targets)]
-        lines += [f"| {cell} | " + " | ".join(_change(old, new, t, cell, key) for t in targets) + " |" for cell in cells]
+        lines += [f"| {cell} | " + " | ".join(_change(old, new, t, cell, key) for t in targets) + " |"
+                  for cell in cells]
     return lines
 
 
@@ -339,8 +343,8 @@ def _comparison_chart(old, new, targets, cells, path):
     depths = sorted({c.qd for c in cells})
     fig, axes = plt.subplots(2, len(depths), figsize=(5 * len(depths), 8), squeeze=False)
     width = 0.8 / len(targets)
-    for row, (key, metric) in zip(axes, (("mbps", "MB/s"), (CPU, "CPU per request"))):
-        for ax, qd in zip(row, depths):
+    for row, (key, metric) in zip(axes, (("mbps", "MB/s"), (CPU, "CPU per request")), strict=True):
+        for ax, qd in zip(row, depths, strict=True):
             sizes = sorted({c.bs for c in cells if c.qd == qd})
             for i, t in enumerate(targets):
                 ratios = [[new.get(t["name"], c, key) / old.get(t["name"], c, key) for c in cells

@@ -52,14 +52,16 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CI subset: randread and mixed x 4 KiB and 1 MiB x QD8, 1 s per cell (under a minute)")
-    p.add_argument("--out", type=Path, default=Path("docs/bench/latest"), help="results directory (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("docs/bench/latest"),
+                   help="results directory (default: %(default)s)")
     p.add_argument("--runtime", type=float, help="measured seconds per cell (default: 3, --quick 1)")
     p.add_argument("--ramp", type=float, help="unmeasured warm-up seconds per cell (default: 0.5, --quick 0.3)")
     p.add_argument("--size", type=size, default="1G", help="image payload size (default: %(default)s, sparse)")
     p.add_argument("--fill", type=size, help="working set at the image start: pre-filled, and the only range fio "
                    "touches (default: 256M, --quick 32M)")
     p.add_argument("--iter-time", type=int, default=100,
-                   help="PBKDF2 milliseconds of the images' keyslots (default: %(default)s; the luks filter pays it per connection)")
+                   help="PBKDF2 milliseconds of the images' keyslots (default: %(default)s; "
+                        "the luks filter pays it per connection)")
     p.add_argument("--targets", type=csv(str), default=[t.name for t in TARGETS if t.default],
                    help="comma-separated targets (default: all but the opt-in "
                         + ", ".join(t.name for t in TARGETS if not t.default) + ") of: "
@@ -71,7 +73,8 @@ def parse_args(argv):
                    help="the nbdcrypt executable the nbdcrypt targets serve with, e.g. another checkout's "
                         ".venv/bin/nbdcrypt to measure older code (default: %(default)s)")
     p.add_argument("--replot", action="store_true", help="only rewrite results.md and the charts from OUT/results.json")
-    p.add_argument("--workdir", type=Path, help="keep images, sockets and server logs here (default: a temporary directory)")
+    p.add_argument("--workdir", type=Path,
+                   help="keep images, sockets and server logs here (default: a temporary directory)")
     args = p.parse_args(argv)
     quick_workloads, quick_sizes, quick_depths = fio.QUICK if args.quick else (None, None, None)
     args.workloads = args.workloads or quick_workloads or list(fio.WORKLOADS)

@@ -32,8 +32,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=30, help="length of the run (default: %(default)s)")
-    p.add_argument("--clients", type=int, default=8, help="writer connections, and as many readers (default: %(default)s)")
-    p.add_argument("--type", choices=("luks1", "luks2", "qcow2"), default="luks2", help="image format (default: %(default)s)")
+    p.add_argument("--clients", type=int, default=8,
+                   help="writer connections, and as many readers (default: %(default)s)")
+    p.add_argument("--type", choices=("luks1", "luks2", "qcow2"), default="luks2",
+                   help="image format (default: %(default)s)")
     p.add_argument("--size", type=size, default="2G", help="payload size (default: %(default)s)")
     p.add_argument("--sample", type=float, default=10, help="seconds between memory samples (default: %(default)s)")
     p.add_argument("--max-growth", type=float, default=0.10,

@@ -52,7 +52,8 @@ def nbdcrypt(name, label, colour, image, *flags, default=True):
 TARGETS = (
     # nbdcrypt, one line per queueing mode of `serve`.
     nbdcrypt("nbdcrypt", "nbdcrypt (default queueing)", "tab:blue", "{luks1}"),
-    nbdcrypt("nbdcrypt-inline", "nbdcrypt inline", "tab:cyan", "{luks1}", "--perf-no_read_workqueue", "--perf-no_write_workqueue"),
+    nbdcrypt("nbdcrypt-inline", "nbdcrypt inline", "tab:cyan", "{luks1}",
+             "--perf-no_read_workqueue", "--perf-no_write_workqueue"),
     # Opt-in: crypt workers as processes instead of threads (docs/queueing.md).
     nbdcrypt("nbdcrypt-processes", "nbdcrypt worker processes", "tab:purple", "{luks1}", "--worker-type", "process",
              default=False),
@@ -88,8 +89,9 @@ def make_images(workdir, size, fill, iter_time):
     _qemu_img_create(["-f", "qcow2", *secret, "-o",
                       f"encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time={iter_time}", paths["qcow2"]], size)
     # Allocate (and encrypt) the working set so no write in the benchmark allocates a cluster.
-    subprocess.run(["qemu-io", *secret, "--image-opts", f"driver=qcow2,encrypt.key-secret=s0,file.filename={paths['qcow2']}",
-                    "-c", f"write -P 0xa5 0 {fill}"], check=True, capture_output=True)
+    opts = f"driver=qcow2,encrypt.key-secret=s0,file.filename={paths['qcow2']}"
+    subprocess.run(["qemu-io", *secret, "--image-opts", opts, "-c", f"write -P 0xa5 0 {fill}"],
+                   check=True, capture_output=True)
     return {k: str(v) for k, v in paths.items()}
 
 
