@@ -10,12 +10,14 @@ parameters and the control socket use the field names (``worker_type``).
 
 import os
 from dataclasses import Field, dataclass, field, fields, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ..errors import InputError
 
+T = TypeVar("T")
 
-def _setting(default, help, choices=(), metavar=None) -> Any:
+
+def _setting(default: T, help: str, choices: tuple[str, ...] = (), metavar: str | None = None) -> T:
     return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
 
 

@@ -25,6 +25,7 @@ end-of-file), and the thread that waits for its exit starts a replacement.
 
 import ctypes
 import errno
+import functools
 import json
 import mmap
 import os
@@ -36,12 +37,20 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, NoReturn, TypedDict
 
-from ..crypto.secrets import Secret, lock_all_memory, protect_process, wipe
 from ..crypto.engine import SectorCipher
+from ..crypto.secrets import Secret, lock_all_memory, protect_process, wipe
 from ..crypto.spec import CipherSpec
 from ..errors import NbdcryptError, StoreError, UnsupportedError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typeshed's; not needed at run time
+
+    from .stats import Timing
 
 MODULE = "nbdcrypt.datapath.workers"
 SLOT = 4 << 20  # shared memory per worker process; a multiple of every sector size
@@ -61,21 +70,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _spawner = ThreadPoolExecutor(1, thread_name_prefix="nbdcrypt-spawn")
 
 
-class _Pool:
+class _Pool(ABC):
     """A pool serves requests until retired, then closes once the last has left."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users = 0
         self._retired = False
 
-    def enter(self):
+    def enter(self) -> None:
         """Count a request in.  Call it under the lock that chose this pool, so a
         retire() cannot close the pool in between; :meth:`run` counts it out."""
         with self._lock:
             self._users += 1
 
-    def run(self, timing, cipher, encrypt, buf, sector, then=None):
+    def run(self, timing: "Timing", cipher: SectorCipher, encrypt: bool, buf: "Buffer", sector: int,
+            then: Callable[[], None] | None = None) -> None:
         """Encrypt (or decrypt) ``buf`` in place with ``cipher`` on a worker, then call
         ``then()``; return when both are done.  Adds the queue and crypto phases to ``timing``."""
         try:
@@ -87,30 +97,40 @@ class _Pool:
             if last:
                 self.close(wait=False)
 
-    def retire(self):
+    def retire(self) -> None:
         with self._lock:
             self._retired = True
             idle = not self._users
         if idle:
             self.close(wait=False)
 
-    def pids(self):
+    def pids(self) -> list[int]:
         return []
+
+    @abstractmethod
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers; with ``wait``, wait until they have."""
+
+    @abstractmethod
+    def _run(self, timing: "Timing", cipher: SectorCipher, encrypt: bool, buf: "Buffer", sector: int,
+             then: Callable[[], None] | None) -> None:
+        """What :meth:`run` does, without the counting."""
 
 
 class ThreadWorkers(_Pool):
     """``count`` threads; with ``cpu``, pinned to that CPU."""
 
-    def __init__(self, count, cpu=None):
+    def __init__(self, count: int, cpu: int | None = None) -> None:
         super().__init__()
-        pinned = {} if cpu is None else dict(initializer=os.sched_setaffinity, initargs=(0, {cpu}))
+        pin = None if cpu is None else functools.partial(os.sched_setaffinity, 0, {cpu})
         self._executor = ThreadPoolExecutor(
-            count, thread_name_prefix="kcryptd" if cpu is None else f"kcryptd/{cpu}", **pinned)
+            count, thread_name_prefix="kcryptd" if cpu is None else f"kcryptd/{cpu}", initializer=pin)
 
-    def _run(self, timing, cipher, encrypt, buf, sector, then):
+    def _run(self, timing: "Timing", cipher: SectorCipher, encrypt: bool, buf: "Buffer", sector: int,
+             then: Callable[[], None] | None) -> None:
         submitted = time.perf_counter()
 
-        def job():
+        def job() -> None:
             timing.add("queue", time.perf_counter() - submitted)
             timing.time("crypto", cipher.encrypt if encrypt else cipher.decrypt, buf, sector)
             if then is not None:
@@ -118,7 +138,7 @@ class ThreadWorkers(_Pool):
 
         self._executor.submit(job).result()
 
-    def close(self, wait=True):
+    def close(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait)
 
 
@@ -127,12 +147,13 @@ class ProcessWorkers(_Pool):
     to that CPU.  ``on_restart()`` is called for each one that died and was replaced.
     The request thread hands its buffer to a free worker itself; then() runs there."""
 
-    def __init__(self, recipes, count, cpu=None, on_restart=lambda: None):
+    def __init__(self, recipes: Iterable["CipherRecipe"], count: int, cpu: int | None = None,
+                 on_restart: Callable[[], None] = lambda: None) -> None:
         super().__init__()
         self._recipes, self._cpu, self._on_restart = tuple(recipes), cpu, on_restart
         self._index = {id(recipe.cipher): i for i, recipe in enumerate(self._recipes)}
-        self._idle = queue.SimpleQueue()
-        self._live = set()
+        self._idle: queue.SimpleQueue[_WorkerProcess] = queue.SimpleQueue()
+        self._live: set[_WorkerProcess] = set()
         starting = []
         try:
             for _ in range(count):  # spawn all first: they import their modules in parallel
@@ -146,11 +167,11 @@ class ProcessWorkers(_Pool):
         for worker in starting:
             self._serve(worker)
 
-    def pids(self):
+    def pids(self) -> list[int]:
         with self._lock:
             return [worker.pid for worker in self._live]
 
-    def close(self, wait=True):
+    def close(self, wait: bool = True) -> None:
         """Close every idle worker's socket, so it exits; with ``wait``, wait for that."""
         with self._lock:
             self._retired = True
@@ -164,7 +185,8 @@ class ProcessWorkers(_Pool):
             for worker in live:
                 worker.process.wait()
 
-    def _run(self, timing, cipher, encrypt, buf, sector, then):
+    def _run(self, timing: "Timing", cipher: SectorCipher, encrypt: bool, buf: "Buffer", sector: int,
+             then: Callable[[], None] | None) -> None:
         index = self._index.get(id(cipher))
         if index is None:
             raise StoreError("this cipher's key was not registered for worker processes", errno.EIO)
@@ -182,7 +204,7 @@ class ProcessWorkers(_Pool):
         if then is not None:
             then()
 
-    def _acquire(self):
+    def _acquire(self) -> "_WorkerProcess":
         deadline = time.monotonic() + WAIT_TIMEOUT
         while True:
             try:
@@ -193,7 +215,7 @@ class ProcessWorkers(_Pool):
                 return worker
             worker.close()  # died while idle; its watcher is starting another
 
-    def _serve(self, worker):
+    def _serve(self, worker: "_WorkerProcess") -> None:
         """Put a ready worker to work, watched until it exits."""
         with self._lock:
             if self._retired:
@@ -204,7 +226,7 @@ class ProcessWorkers(_Pool):
         threading.Thread(target=self._watch, args=(worker,), name=f"nbdcrypt-watch/{worker.pid}",
                          daemon=True).start()
 
-    def _watch(self, worker):
+    def _watch(self, worker: "_WorkerProcess") -> None:
         status = worker.process.wait()
         worker.dead = True
         with self._lock:
@@ -219,7 +241,7 @@ class ProcessWorkers(_Pool):
         if replacement is not None:
             self._serve(replacement)
 
-    def _replacement(self):
+    def _replacement(self) -> "_WorkerProcess | None":
         """A new ready worker (None if the pool closes first); starting is retried
         every second while it fails (requests wait meanwhile, up to WAIT_TIMEOUT)."""
         while not self._retired:
@@ -236,29 +258,38 @@ class ProcessWorkers(_Pool):
         return None
 
 
+class CipherParams(TypedDict):
+    """A cipher as a worker process rebuilds it (sent as JSON), without its key."""
+
+    spec: str
+    sector_size: int
+    iv_large_sectors: bool
+    iv_tweak: int
+
+
 class CipherRecipe:
     """What a worker process needs to build the same cipher as ``cipher``: its
     parameters and a locked copy of ``key`` (:meth:`wipe` it when done)."""
 
-    def __init__(self, cipher, key):
+    def __init__(self, cipher: SectorCipher, key: "Buffer") -> None:
         self.cipher = cipher
-        self.params = {"spec": str(cipher.spec), "sector_size": cipher.sector_size,
+        self.params: CipherParams = {"spec": str(cipher.spec), "sector_size": cipher.sector_size,
                        "iv_large_sectors": cipher.iv_large_sectors, "iv_tweak": cipher.iv_tweak}
         self.key = Secret(key)
         if _probe(cipher) != _probe(build_cipher(self.params, self.key)):
             self.wipe()
             raise UnsupportedError(f"cannot rebuild the {cipher.spec} cipher in a worker process")
 
-    def wipe(self):
+    def wipe(self) -> None:
         wipe(self.key)
 
 
-def build_cipher(params, key):
+def build_cipher(params: CipherParams, key: bytearray | memoryview) -> SectorCipher:
     return SectorCipher(CipherSpec.parse(params["spec"]), key, params["sector_size"],
                         params["iv_large_sectors"], params["iv_tweak"])
 
 
-def _probe(cipher):
+def _probe(cipher: SectorCipher) -> bytearray:
     data = bytearray(bytes(range(256)) * (2 * cipher.sector_size // 256))
     cipher.encrypt(data, PROBE_SECTOR)
     return data
@@ -267,7 +298,7 @@ def _probe(cipher):
 class _WorkerProcess:
     """One worker process as the plugin sees it: its Popen, socket and slot."""
 
-    def __init__(self, recipes, cpu=None):
+    def __init__(self, recipes: Sequence[CipherRecipe], cpu: int | None = None) -> None:
         self.recipes = recipes
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         slot_fd = os.memfd_create("nbdcrypt-slot")
@@ -291,7 +322,7 @@ class _WorkerProcess:
         if cpu is not None:
             os.sched_setaffinity(self.pid, {cpu})
 
-    def handshake(self):
+    def handshake(self) -> None:
         """Hand over the ciphers and wait until the worker is ready."""
         self._sock.settimeout(START_TIMEOUT)
         try:
@@ -305,7 +336,7 @@ class _WorkerProcess:
         finally:
             self._sock.settimeout(None)
 
-    def crypt(self, index, encrypt, buf, sector):
+    def crypt(self, index: int, encrypt: bool, buf: "Buffer", sector: int) -> float:
         """Encrypt or decrypt ``buf`` in place with cipher ``index`` through the slot;
         the worker's crypto seconds.  StoreError (EIO) on failure; ``dead`` tells if
         the worker is gone."""
@@ -320,24 +351,24 @@ class _WorkerProcess:
             piece[:] = self._view[:len(piece)]
         return seconds
 
-    def close(self):
+    def close(self) -> None:
         """Close our ends: the worker reads end-of-file and exits."""
         self._sock.close()
         self._view.release()
         self._slot.close()
 
-    def abort(self):
+    def abort(self) -> None:
         self.process.kill()
         self.process.wait()
         self.close()
 
-    def _send(self, message):
+    def _send(self, message: "Buffer") -> None:
         try:
             self._sock.send(message, socket.MSG_NOSIGNAL)
         except ConnectionError:
             self._died()
 
-    def _reply(self):
+    def _reply(self) -> float:
         try:
             message = self._sock.recv(_MAX_MESSAGE)
         except ConnectionError:
@@ -350,25 +381,25 @@ class _WorkerProcess:
             raise StoreError(f"crypt worker process {self.pid}: {error}", errno.EIO)
         return seconds
 
-    def _died(self):
+    def _died(self) -> NoReturn:
         self.dead = True
         raise StoreError(f"crypt worker process {self.pid} died", errno.EIO)
 
 
-def _interpreter():
+def _interpreter() -> str:
     """The Python that nbdkit embeds (inside nbdkit, sys.executable is just the
     first python3 on PATH)."""
     return os.path.join(sys.base_exec_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
 
 
-def _environment():
+def _environment() -> dict[str, str]:
     """Only a PYTHONPATH that imports what this interpreter imports."""
     return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in sys.path if p and os.path.isdir(p)))}
 
 
 # The worker process.
 
-def main(sock_fd, slot_fd, parent):
+def main(sock_fd: int, slot_fd: int, parent: int) -> int:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         return 1  # the parent died before we asked to die with it
@@ -400,11 +431,11 @@ def main(sock_fd, slot_fd, parent):
     return 0  # end-of-file: the pool closed us, or the plugin is gone
 
 
-def _receive_ciphers(sock):
+def _receive_ciphers(sock: socket.socket) -> list[SectorCipher]:
     return [_receive_cipher(sock, params) for params in json.loads(sock.recv(_MAX_MESSAGE))]
 
 
-def _receive_cipher(sock, params):
+def _receive_cipher(sock: socket.socket, params: CipherParams) -> SectorCipher:
     key = Secret(_MAX_MESSAGE)
     try:
         size = sock.recv_into(key)
@@ -413,7 +444,7 @@ def _receive_cipher(sock, params):
         wipe(key)
 
 
-def _answer(sock, ok, seconds=0.0, error=None):
+def _answer(sock: socket.socket, ok: bool, seconds: float = 0.0, error: BaseException | None = None) -> None:
     message = "" if error is None else str(error) or type(error).__name__
     sock.send(_REPLY.pack(ok, seconds) + message.encode()[:1024])
 
