@@ -371,8 +371,7 @@ def run_erase(args):
 
     path = args.header or args.image
     with open_for_change(args) as f:
-        header = read_header(f, path)
-        require_luks(header, "erase")
+        header = require_luks(read_header(f, path), "erase")
         if not args.batch_mode:
             confirm(f"This operation will erase all keyslots on {path}.\n"
                     f"The volume will become unusable after this operation.", "keyslots were NOT wiped")

@@ -13,28 +13,34 @@ first and the header last (LUKS2: the secondary copy, then the primary), each du
 before the next: a restore cut short by a crash is finished by running it again.
 """
 
+from typing import IO
+
 from nbdcrypt.errors import FormatError, InputError, UnsupportedError
 from nbdcrypt.formats import open_header, probe
+from nbdcrypt.formats.image import Image, ImageFile
 from nbdcrypt.formats.luks1 import HEADER_SIZE, SECTOR_SIZE, Luks1Header
-from nbdcrypt.formats.luks_common import Payload
+from nbdcrypt.formats.luks2 import Luks2Header
+from nbdcrypt.formats.luks_common import Writes
 
 PAGE = 4096  # cryptsetup pads a backup to whole pages
+LuksHeader = Luks1Header | Luks2Header
 
 
-def require_luks(header, what):
-    """Refuse a qcow2 image for ``what`` (a command), in one line."""
-    if not isinstance(header, Payload):
+def require_luks(header: Image, what: str) -> LuksHeader:
+    """``header``, refused in one line for ``what`` (a command) unless it is LUKS."""
+    if not isinstance(header, Luks1Header | Luks2Header):
         raise _only_luks(header.name, what)
+    return header
 
 
-def _only_luks(name, what):
+def _only_luks(name: str, what: str) -> InputError:
     return InputError(f"{name}: {what} takes LUKS images only; a qcow2 image keeps its LUKS header "
                       f"inside the image")
 
 
-def backup(f, header):
-    """The bytes of a backup of ``header``, read from its file ``f``."""
-    require_luks(header, "header backup")
+def backup(f: ImageFile, image: Image) -> bytes:
+    """The bytes of a backup of the header ``image``, read from its file ``f``."""
+    header = require_luks(image, "header backup")
     end = _end(header)
     f.seek(0)
     data = bytearray(f.read(end))
@@ -43,11 +49,12 @@ def backup(f, header):
     return bytes(data) + bytes(-end % PAGE)
 
 
-def restore_writes(source, backup_header, target, name, force=False):
+def restore_writes(source: IO[bytes], backup_image: Image, target: IO[bytes], name: str,
+                   force: bool = False) -> Writes:
     """The ``(offset, data)`` writes, in order, that restore the backup read from
-    ``source`` (its header ``backup_header``) onto the header file ``target`` (``name``
+    ``source`` (its header ``backup_image``) onto the header file ``target`` (``name``
     in messages); InputError for a backup that does not belong there."""
-    require_luks(backup_header, "header restore")
+    backup_header = require_luks(backup_image, "header restore")
     if probe(target) == "qcow2":
         raise _only_luks(name, "header restore")
     current = _readable_header(target, name)
@@ -62,14 +69,14 @@ def restore_writes(source, backup_header, target, name, force=False):
     return [(start, data[start:end]) for start, end in _pieces(backup_header)]
 
 
-def _readable_header(f, name):
+def _readable_header(f: IO[bytes], name: str) -> LuksHeader | None:
     try:
-        return open_header(f, name)
+        return require_luks(open_header(f, name), "header restore")
     except (FormatError, UnsupportedError):
         return None
 
 
-def _check_fits(backup_header, current, name, force):
+def _check_fits(backup_header: LuksHeader, current: LuksHeader, name: str, force: bool) -> None:
     if current.payload_offset != backup_header.payload_offset:
         raise InputError(f"{name}: data offset differs on the image ({current.payload_offset}) and in the "
                          f"backup ({backup_header.payload_offset}); restore refused")
@@ -86,11 +93,11 @@ def _check_fits(backup_header, current, name, force):
                          f"{current.uuid}); --force restores it anyway")
 
 
-def _kind(header):
+def _kind(header: LuksHeader) -> str:
     return "LUKS1" if isinstance(header, Luks1Header) else "LUKS2"
 
 
-def _pieces(header):
+def _pieces(header: LuksHeader) -> list[tuple[int, int]]:
     """The ``(start, end)`` byte ranges a restore writes, in order: keyslot areas first,
     the header last (LUKS2: the secondary copy before the primary)."""
     if isinstance(header, Luks1Header):
@@ -100,7 +107,7 @@ def _pieces(header):
     return [(2 * size, _end(header)), (size, 2 * size), (0, size)]
 
 
-def _end(header):
+def _end(header: LuksHeader) -> int:
     """Where the header and its keyslot areas end (cryptsetup's backup size, unpadded)."""
     if isinstance(header, Luks1Header):
         return (max(slot.offset for slot in header.keyslots) + header.keyslot_sectors) * SECTOR_SIZE
