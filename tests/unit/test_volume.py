@@ -1,5 +1,6 @@
 """The data path without nbdkit: a real file store and the real cipher engine."""
 
+import errno
 import os
 import random
 import threading
@@ -8,10 +9,10 @@ import pytest
 
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
-from nbdcrypt.errors import InputError, ReadOnlyError
-from nbdcrypt.storage.store import FileStore
 from nbdcrypt.datapath import sectors
 from nbdcrypt.datapath.volume import RangeLock, Volume
+from nbdcrypt.errors import InputError, ReadOnlyError, UnsupportedError
+from nbdcrypt.storage.store import FileStore
 
 OFFSET = 4096
 SIZE = 256 << 10
@@ -102,6 +103,16 @@ def test_readonly_store_refuses_writes(tmp_path):
         assert ro.readonly
         with pytest.raises(ReadOnlyError):
             ro.write(b"x", 0)
+
+
+def test_luks_volume_declares_no_trim_and_no_extents(tmp_path):
+    """Declared, so nbdkit advertises neither; called anyway, each says ENOTSUP."""
+    assert (Volume.can_trim, Volume.can_extents) == (False, False)
+    with make_volume(tmp_path / "img") as volume:
+        for call in (lambda: volume.trim(512, 0), lambda: volume.extents(512, 0)):
+            with pytest.raises(UnsupportedError) as raised:
+                call()
+            assert raised.value.errno == errno.ENOTSUP
 
 
 def test_one_writer_at_a_time(tmp_path):
