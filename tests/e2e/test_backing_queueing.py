@@ -44,7 +44,8 @@ def test_ctl_set_changes_the_pool_backing_reads_use(chain, key_file, tmp_path, n
     """With one worker process, stopped, a read from the backing file waits for it."""
     image, base_key = chain
     control = str(tmp_path / "control.sock")
-    with serving(image, key_file, "--backing-key-file", str(base_key), "--control", control) as uri:
+    with serving(image, key_file, "--backing-key-file", str(base_key), "--control", control,
+                 "--inline-below", "0") as uri:
         h = nbd_handle(uri)
         request(control, "set", {"worker_type": "process", "workers": 1})
         pid, = request(control, "status")["worker_pids"]

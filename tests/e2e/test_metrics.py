@@ -11,7 +11,6 @@ from prometheus_client import parser
 from nbdcrypt.daemon.ctl import request
 from tests.conftest import serving
 
-
 WRITES = [4096, 65536, 1 << 20, 1536]  # the last one partial: read-modify-write inside one request
 READS = [4096, 1 << 20, 100]
 
@@ -55,7 +54,7 @@ def do_io(h):
 def test_unix_socket_metrics_count_the_io_done(image, key_file, tmp_path, nbd_handle):
     metrics, control = tmp_path / "metrics.sock", str(tmp_path / "control.sock")
     with serving(image, key_file, "--metrics", str(metrics), "--control", str(control),
-                 "--perf-no_read_workqueue") as uri:
+                 "--perf-no_read_workqueue", "--inline-below", "0") as uri:
         assert oct(metrics.stat().st_mode & 0o777) == "0o600"
         do_io(nbd_handle(uri))
         status, content_type, text = scrape(UnixHTTPConnection(str(metrics)))

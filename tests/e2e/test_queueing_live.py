@@ -24,7 +24,7 @@ def fio_json(result):
 def test_fio_verify_while_flags_flip_every_100ms(image, key_file, tmp_path):
     require("fio")
     control = str(tmp_path / "control.sock")
-    with serving(image, key_file, "--control", control) as uri:
+    with serving(image, key_file, "--control", control, "--inline-below", "0") as uri:
         stop = threading.Event()
         flips = []
 
@@ -58,6 +58,35 @@ def test_fio_verify_while_flags_flip_every_100ms(image, key_file, tmp_path):
     assert {"inline", "queued"} <= set(stats["write"]["latency_us"])
 
 
+def test_fio_verify_while_inline_below_changes(image, key_file, tmp_path):
+    """Small requests run inline below the threshold, large ones queued, as ctl set moves it."""
+    require("fio")
+    control = str(tmp_path / "control.sock")
+    with serving(image, key_file, "--control", control, "--inline-below", "0") as uri:
+        stop = threading.Event()
+        thresholds = itertools.cycle([64 << 10, 1 << 20, 16 << 10])  # each splits 4k, 64k and 1m
+
+        def changer():
+            while not stop.wait(0.1):
+                request(control, "set", {"inline_below": next(thresholds)})
+
+        thread = threading.Thread(target=changer)
+        thread.start()
+        try:
+            result = run(["fio", "--name=threshold", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                          "--bssplit=4k/50:64k/25:1m/25", "--size=8M", "--numjobs=2", "--offset_increment=16M",
+                          "--iodepth=8", "--verify=crc32c", "--verify_fatal=1", "--output-format=json"],
+                         cwd=tmp_path)
+        finally:
+            stop.set()
+            thread.join()
+        stats = request(control, "stats")
+    assert all(job["error"] == 0 for job in fio_json(result))
+    for direction in ("read", "write"):
+        assert stats[direction]["errors"] == 0
+        assert {"inline", "queued"} <= set(stats[direction]["latency_us"])
+
+
 def measure_read_rate(h, seconds, bs=64 << 10):
     start, done = time.monotonic(), 0
     while time.monotonic() - start < seconds:
@@ -69,7 +98,7 @@ def measure_read_rate(h, seconds, bs=64 << 10):
 def test_throttles_hold_and_lift(image, key_file, tmp_path, nbd_handle):
     control = str(tmp_path / "control.sock")
     limit = 4 << 20
-    with serving(image, key_file, "--control", control, "--throttle-bps", str(limit)) as uri:
+    with serving(image, key_file, "--control", control, "--throttle-bps", str(limit), "--inline-below", "0") as uri:
         h = nbd_handle(uri)
         measure_read_rate(h, 1.2)  # spend the one-second burst
         assert 0.9 * limit <= measure_read_rate(h, 3) <= 1.1 * limit
@@ -103,8 +132,8 @@ def test_control_endpoint_checks_peer_and_input(image, key_file, public_dir):
         assert "read:" in run(nbdcrypt_cmd() + ["ctl", str(control), "stats"]).stdout
         if os.geteuid() == 0 and run(["which", "setpriv"], check=False).returncode == 0:
             os.chmod(control, 0o666)  # let the socket's mode pass so SO_PEERCRED is what refuses
-            probe = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect(%r); "
-                     "s.sendall(b'{\"command\": \"status\"}\\n'); print(s.recv(200))" % str(control))
+            probe = (f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(control)!r}); "
+                     "s.sendall(b'{\"command\": \"status\"}\\n'); print(s.recv(200))")
             other = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
                          "-c", probe])
             assert "permission denied" in other.stdout

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from nbdcrypt.daemon.ctl import request
-from nbdcrypt.formats import open_header
 from nbdcrypt.datapath.workers import SLOT
+from nbdcrypt.formats import open_header
 from tests.conftest import PASSPHRASE, nbdcrypt_luks1, serving
 from tests.tools import require, run
 
@@ -77,7 +77,8 @@ def test_process_workers_write_what_thread_workers_write(tmp_path, key_file, nbd
         model[offset:offset + length] = payload(i, length)
     control = str(tmp_path / "control.sock")
     for kind, image in (("thread", threads_image), ("process", processes_image)):
-        with serving(image, key_file, "--worker-type", kind, "--workers", "2", "--control", control) as uri:
+        with serving(image, key_file, "--worker-type", kind, "--workers", "2", "--control", control,
+                     "--inline-below", "0") as uri:
             h = nbd_handle(uri)
             h.zero(SIZE, 0)
             in_parallel(uri, nbd_handle, list(enumerate(WRITES)),
@@ -114,7 +115,8 @@ def test_killed_worker_fails_its_request_with_eio_and_is_replaced(tmp_path, key_
     key = master_key(image)
     control = str(tmp_path / "control.sock")
     old, new = os.urandom(1 << 20), os.urandom(1 << 20)
-    with serving(image, key_file, "--worker-type", "process", "--workers", "1", "--control", control) as uri:
+    with serving(image, key_file, "--worker-type", "process", "--workers", "1", "--control", control,
+                 "--inline-below", "0") as uri:
         h = nbd_handle(uri)
         h.pwrite(old, 0)
         [pid] = request(control, "status")["worker_pids"]
@@ -184,7 +186,8 @@ def test_killing_workers_under_load_hangs_no_client(tmp_path, key_file, nbd_hand
             got = attempt(h.pread, length, offset)
             assert got in (None, model[offset:offset + length])
 
-    with serving(image, key_file, "--worker-type", "process", "--workers", "2", "--control", control) as uri:
+    with serving(image, key_file, "--worker-type", "process", "--workers", "2", "--control", control,
+                 "--inline-below", "0") as uri:
         h = nbd_handle(uri)
         h.zero(SIZE, 0)
         h.shutdown()

@@ -11,25 +11,27 @@ from prometheus_client import parser
 from nbdcrypt.control import ControlError, decode_reply, decode_request, encode_reply, encode_request
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.spec import CipherSpec
-from nbdcrypt.errors import InputError
-from nbdcrypt.plugin.metrics import render
 from nbdcrypt.datapath.settings import PERF_FLAGS, Settings
-from nbdcrypt.datapath.stats import BUCKETS_US, Timing
-from nbdcrypt.storage.store import FileStore
+from nbdcrypt.datapath.stats import BUCKETS_US, FOLD, Stats, Timing
 from nbdcrypt.datapath.throttle import Throttle
 from nbdcrypt.datapath.volume import Volume
 from nbdcrypt.datapath.workers import SLOT, CipherRecipe, ProcessWorkers
+from nbdcrypt.errors import InputError
+from nbdcrypt.plugin.metrics import render
+from nbdcrypt.storage.store import FileStore
 
 SIZE = 1 << 20
 KEY = bytes(range(64))
 
 
 def volume_on(path, **settings):
+    """A volume whose requests take the path the flags in ``settings`` say, whatever
+    their size (unless ``settings`` set inline_below)."""
     path.write_bytes(bytes(SIZE))
     cipher = SectorCipher(CipherSpec.parse("aes-xts-plain64"), KEY)
     volume = Volume(FileStore(path), cipher, 0, SIZE)
     volume.path.register(volume.cipher, KEY)
-    volume.path.configure(settings)
+    volume.path.configure({"inline_below": 0, **settings})
     return volume
 
 
@@ -124,6 +126,47 @@ def test_stats_split_latency_by_mode_and_phase(tmp_path):
     assert "queue" in stats["write"]["latency_us"]["queued"]
     assert stats["write"]["bytes"] == stats["read"]["bytes"] == 8192
     volume.path.close()
+
+
+def test_requests_below_inline_below_run_inline_whatever_the_flags(tmp_path):
+    volume = volume_on(tmp_path / "img", inline_below=8192)
+    for length in (512, 4096, 8191, 8192, 65536):  # 3 below, 2 at or above
+        volume.write(os.urandom(length), 1000)
+        volume.read(bytearray(length), 1000)
+    volume.path.configure({"inline_below": "0"})  # live: the next request is queued
+    volume.read(bytearray(512), 0)
+    volume.path.configure({"inline_below": str(1 << 20), "no_read_workqueue": "on"})
+    volume.read(bytearray(1 << 20), 0)  # not below 1 MiB, and inline as its flag says
+    stats = volume.path.stats.snapshot()
+    for direction, inline, queued in (("write", 3, 2), ("read", 4, 3)):
+        modes = stats[direction]["latency_us"]
+        assert modes["inline"]["total"]["count"] == inline and modes["queued"]["total"]["count"] == queued
+        assert "queue" not in modes["inline"] and modes["queued"]["queue"]["count"] == queued
+    volume.path.close()
+
+
+def test_stats_batch_keeps_exact_counts_and_close_percentiles():
+    """Requests are folded into the histograms in batches of FOLD: a snapshot still counts every
+    finished one, the sums are exact and the percentiles within a bin's width (1.6 %)."""
+    stats = Stats()
+    durations = [(i % 1000 + 1) * 1e-6 for i in range(2007)]  # 1..1000 us, twice
+    assert len(durations) % FOLD  # and not whole batches
+    for seconds in durations:
+        stats.started("write")
+        timing = Timing()
+        timing.phases.update(total=seconds, crypto=seconds / 2)
+        stats.finished("write", "inline", 4096, timing.phases, ok=True)
+    stats.started("write")
+    stats.finished("write", "inline", 4096, Timing().phases, ok=False)
+    snapshot = stats.snapshot(buckets=True)["write"]
+    assert (snapshot["ops"], snapshot["errors"], snapshot["bytes"]) == (len(durations) + 1, 1, 4096 * len(durations))
+    assert snapshot["in_flight"] == 0 and snapshot["peak_in_flight"] == 1
+    total = snapshot["latency_us"]["inline"]["total"]
+    assert total["count"] == len(durations) and total["sum"] == pytest.approx(sum(durations) * 1e6)
+    assert total["max"] == 1000 and total["p50"] == pytest.approx(500, rel=0.016)
+    assert total["p99"] == pytest.approx(990, rel=0.016)
+    assert total["buckets"][:4] == [sum(d * 1e6 <= bound for d in durations) for bound in BUCKETS_US[:4]]
+    assert set(snapshot["latency_us"]["inline"]) == {"total", "crypto"}  # phases the path had
 
 
 def test_settings_reject_bad_values():

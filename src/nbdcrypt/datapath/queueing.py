@@ -22,10 +22,10 @@ or drops.  Workers are threads by default, or processes (``worker_type``):
 
 import ctypes
 import threading
+import time
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import replace
-from typing import NamedTuple
 
 from ..errors import InputError
 from .settings import Settings
@@ -40,9 +40,38 @@ def current_cpu():
     return _libc.sched_getcpu()
 
 
-class Request(NamedTuple):
-    settings: "Settings"  # as they were when the request started
-    timing: "Timing"
+class Request(Timing):
+    """One NBD request: counted, throttled and timed, on the settings of its start, and
+    on the path those give its size.  A context manager class rather than a generator:
+    one is made per request."""
+
+    __slots__ = ("_path", "_direction", "_nbytes", "_start", "settings", "inline_reads", "inline_writes")
+
+    def __init__(self, path, direction, nbytes):
+        super().__init__()
+        self._path, self._direction, self._nbytes = path, direction, nbytes
+
+    def __enter__(self):
+        path, nbytes = self._path, self._nbytes
+        self.settings = settings = path.settings
+        self.inline_reads = settings.inline("read", nbytes)
+        self.inline_writes = settings.inline("write", nbytes)
+        path.stats.started(self._direction)
+        self._start = time.perf_counter()
+        if settings.throttle_bps or settings.throttle_ops:
+            self.phases["throttle"] = path._throttle.wait(nbytes)
+        path._current.request = self
+
+    def __exit__(self, kind, error, trace):
+        self._path._current.request = None
+        self.phases["total"] = time.perf_counter() - self._start
+        inline = self.inline_reads if self._direction == "read" else self.inline_writes
+        self._path.stats.finished(self._direction, "inline" if inline else "queued", self._nbytes, self.phases,
+                                  ok=kind is None)
+
+
+# A request opened inside another (a volume calling itself, or its backing file) is part of it.
+_PART_OF_ONE = nullcontext()
 
 
 class _Current(threading.local):
@@ -63,7 +92,8 @@ class CryptPath:
     Worker processes need each cipher's key: :meth:`register`.
     """
 
-    def __init__(self, settings=Settings()):
+    def __init__(self, settings=None):
+        settings = Settings() if settings is None else settings
         self.stats = Stats()
         self._settings = settings
         self._recipes = ()
@@ -115,44 +145,35 @@ class CryptPath:
             pools = [self._pool, *self._cpu_pools.values()]
         return sorted(pid for pool in pools for pid in pool.pids())
 
-    @contextmanager
     def request(self, direction, nbytes):
-        """One NBD request: counted, throttled and timed, on the settings of its start.
-        A request opened inside another (a volume calling itself, or its backing
-        file) is part of it."""
-        if self._current.request is not None:
-            yield
-            return
-        settings = self._settings
-        with self.stats.request(direction, settings.mode(direction), nbytes) as timing:
-            timing.add("throttle", self._throttle.wait(nbytes))
-            self._current.request = Request(settings, timing)
-            try:
-                yield
-            finally:
-                self._current.request = None
+        """``with path.request(direction, nbytes):`` around each NBD request (a
+        :class:`Request`); :meth:`read` and :meth:`write` run inside one."""
+        return _PART_OF_ONE if self._current.request is not None else Request(self, direction, nbytes)
 
     def read(self, cipher, store, buf, offset, sector):
         """Fill ``buf`` with the plaintext of the sectors stored at ``offset``."""
-        settings, timing = self._current.request
-        timing.time("io", store.read_into, buf, offset)
-        if cipher is not None:
-            self._crypt(settings.no_read_workqueue, settings, timing, cipher, False, buf, sector)
+        request = self._current.request
+        request.time("io", store.read_into, buf, offset)
+        if cipher is None:
+            return
+        if request.inline_reads:
+            request.time("crypto", cipher.decrypt, buf, sector)
+        else:
+            self._queue(request, cipher, False, buf, sector)
 
     def write(self, cipher, store, buf, offset, sector, fua=False):
         """Encrypt ``buf`` (a scratch buffer, changed in place) and store it at ``offset``."""
-        settings, timing = self._current.request
-
-        def write_now():
-            timing.time("io", store.write, buf, offset, fua)
-
-        if cipher is None:
-            write_now()
-        elif settings.no_write_workqueue or settings.submit_from_crypt_cpus:
-            self._crypt(settings.no_write_workqueue, settings, timing, cipher, True, buf, sector, then=write_now)
+        request = self._current.request
+        if cipher is not None and request.inline_writes:
+            request.time("crypto", cipher.encrypt, buf, sector)
+        if cipher is None or request.inline_writes:
+            request.time("io", store.write, buf, offset, fua)
+        elif request.settings.submit_from_crypt_cpus:
+            self._queue(request, cipher, True, buf, sector,
+                        then=lambda: request.time("io", store.write, buf, offset, fua))
         else:
-            self._crypt(False, settings, timing, cipher, True, buf, sector)
-            timing.time("io", self._writer.write, store, buf, offset, fua)
+            self._queue(request, cipher, True, buf, sector)
+            request.time("io", self._writer.write, store, buf, offset, fua)
 
     def close(self):
         """Stop the workers and wipe the keys; again is harmless (every volume on the
@@ -179,18 +200,13 @@ class CryptPath:
         for old_pool in retired:
             old_pool.retire()
 
-    def _crypt(self, inline, settings, timing, cipher, encrypt, buf, sector, then=None):
-        """Encrypt or decrypt ``buf`` here or on a crypt worker, then call ``then()``
-        (on the worker's side), and wait for both."""
-        if inline:
-            timing.time("crypto", cipher.encrypt if encrypt else cipher.decrypt, buf, sector)
-            if then is not None:
-                then()
-            return
+    def _queue(self, request, cipher, encrypt, buf, sector, then=None):
+        """Encrypt or decrypt ``buf`` on a crypt worker, then call ``then()`` (on the
+        worker's side), and wait for both."""
         with self._lock:  # not while configure() swaps the pool
-            pool = self._pool_for(settings)
+            pool = self._pool_for(request.settings)
             pool.enter()
-        pool.run(timing, cipher, encrypt, buf, sector, then)
+        pool.run(request, cipher, encrypt, buf, sector, then)
 
     def _pool_for(self, settings):
         """The shared pool, or the submitting CPU's own pinned worker (lock held)."""

@@ -35,10 +35,16 @@ class Settings:
                                 choices=("thread", "process"))
     throttle_bps: int = _setting(0, "limit to BYTES per second (0 = off)", metavar="BYTES")
     throttle_ops: int = _setting(0, "limit to N requests per second (0 = off)", metavar="N")
+    # Measured on 2 cores, QD8 (docs/queueing.md): inline wins up to 512 KiB, queued from 768 KiB.
+    inline_below: int = _setting(512 << 10, "requests smaller than BYTES run inline whatever the flags say "
+                                 "(default: 524288; 0 = off)", metavar="BYTES")
 
-    def mode(self, direction: str) -> str:
-        inline = self.no_read_workqueue if direction == "read" else self.no_write_workqueue
-        return "inline" if inline else "queued"
+    def inline(self, direction: str, nbytes: int) -> bool:
+        """Whether the crypto of a request of ``nbytes`` runs in the request thread, for
+        ``direction`` (a write request's read-modify-write reads are reads)."""
+        if nbytes < self.inline_below:
+            return True
+        return self.no_read_workqueue if direction == "read" else self.no_write_workqueue
 
     def updated(self, changes: dict[str, Any]) -> "Settings":
         """A copy with ``changes`` (name -> str or value) applied; InputError on bad ones."""

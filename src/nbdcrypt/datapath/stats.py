@@ -3,17 +3,20 @@
 Per direction: requests, bytes, errors, time held by the throttle, requests in
 flight and their peak.  Per direction and path mode: latency histograms of the
 whole request and of its phases (throttle, queue wait, crypto, backing I/O), in
-microseconds: an HdrHistogram for percentiles, plus the exact sum and counts in
-fixed buckets that Prometheus histograms need (:mod:`nbdcrypt.plugin.metrics`).
+microseconds: log-linear bins as HdrHistogram's with two significant digits for
+percentiles, plus the exact sum and counts in fixed buckets that Prometheus
+histograms need (:mod:`nbdcrypt.plugin.metrics`).
+
+A request pays for its statistics with two short critical sections: the in-flight
+count, then one append of its phase times to a batch.  The batch is folded into the
+counters and histograms (a few numpy calls per phase) every FOLD requests and before
+every snapshot, so a snapshot holds every request finished before it.
 """
 
-import bisect
-import itertools
 import threading
 import time
-from contextlib import contextmanager
 
-from hdrh.histogram import HdrHistogram
+import numpy as np
 
 PHASES = ("total", "throttle", "queue", "crypto", "io")
 PERCENTILES = (50, 99, 99.9)
@@ -21,10 +24,18 @@ MAX_MICROSECONDS = 3_600_000_000  # an hour: anything longer is clamped
 # Upper bounds of the fixed buckets (10 us .. 10 s, 1-2.5-5 steps); above the last: +Inf.
 BUCKETS_US = (10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
               250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
+FOLD = 256  # finished requests batched before they are folded in
+# Log-linear bins: values below 2**EXACT_BITS have a bin each; each higher power of two
+# is cut into 2**(EXACT_BITS - 1) bins, so a bin is less than 1.6 % of its values wide.
+EXACT_BITS = 7
+HALF = 1 << (EXACT_BITS - 1)
+BINS = (MAX_MICROSECONDS.bit_length() - EXACT_BITS + 2) * HALF
 
 
 class Timing:
     """Phase durations of one request, added up from whichever threads served it."""
+
+    __slots__ = ("phases",)
 
     def __init__(self):
         self.phases = dict.fromkeys(PHASES, 0.0)
@@ -37,7 +48,7 @@ class Timing:
         try:
             return call(*args)
         finally:
-            self.add(phase, time.perf_counter() - start)
+            self.phases[phase] += time.perf_counter() - start
 
 
 class _Direction:
@@ -48,29 +59,45 @@ class _Direction:
         return dict(vars(self))
 
 
+def _bins(microseconds):
+    """The log-linear bin of each value (an int64 array of values >= 1)."""
+    shift = np.maximum(np.frexp(microseconds)[1] - EXACT_BITS, 0)
+    return (shift * HALF) + (microseconds >> shift)
+
+
+def _highest_in_bin(index):
+    shift = max(index // HALF, 1) - 1
+    return ((index - shift * HALF + 1) << shift) - 1
+
+
 class _Latency:
     def __init__(self):
-        self.hdr = HdrHistogram(1, MAX_MICROSECONDS, 2)
+        self.in_bin = np.zeros(BINS, np.int64)
+        self.in_bucket = np.zeros(len(BUCKETS_US) + 1, np.int64)  # the last one: above every bound
         self.seconds = 0.0
-        self.in_bucket = [0] * (len(BUCKETS_US) + 1)  # the last one: above every bound
+        self.max = 0
 
     def record(self, seconds):
-        microseconds = min(MAX_MICROSECONDS, max(1, round(seconds * 1e6)))
-        self.hdr.record_value(microseconds)
-        self.seconds += seconds
-        self.in_bucket[bisect.bisect_left(BUCKETS_US, seconds * 1e6)] += 1
+        """Count the requests that took ``seconds`` (a float array)."""
+        microseconds = np.clip(np.rint(seconds * 1e6), 1, MAX_MICROSECONDS).astype(np.int64)
+        self.in_bin += np.bincount(_bins(microseconds), minlength=BINS)
+        self.in_bucket += np.bincount(np.searchsorted(BUCKETS_US, seconds * 1e6), minlength=len(self.in_bucket))
+        self.seconds += float(seconds.sum())
+        self.max = max(self.max, int(microseconds.max()))
 
     def summary(self, buckets):
-        hdr = self.hdr
+        count = int(self.in_bin.sum())
+        below = np.cumsum(self.in_bin)
         result = {
-            "count": hdr.get_total_count(),
-            "mean": round(hdr.get_mean_value(), 1),
-            **{f"p{p:g}": hdr.get_value_at_percentile(p) for p in PERCENTILES},
-            "max": hdr.get_max_value(),
+            "count": count,
+            "mean": round(self.seconds * 1e6 / count, 1),
+            **{f"p{p:g}": min(self.max, _highest_in_bin(int(np.searchsorted(below, max(1, round(p / 100 * count))))))
+               for p in PERCENTILES},
+            "max": self.max,
             "sum": round(self.seconds * 1e6, 1),
         }
         if buckets:  # cumulative, as Prometheus counts them: requests <= each bound
-            result["buckets"] = list(itertools.accumulate(self.in_bucket[:-1]))
+            result["buckets"] = np.cumsum(self.in_bucket[:-1]).tolist()
         return result
 
 
@@ -81,48 +108,55 @@ class Stats:
         self._lock = threading.Lock()
         self._directions = {"read": _Direction(), "write": _Direction()}
         self._latencies = {}  # (direction, mode, phase) -> _Latency
+        self._finished = []  # (direction, mode, nbytes, phases, ok) not yet folded in
         self._worker_restarts = 0
 
-    @contextmanager
-    def request(self, direction, mode, nbytes):
+    def started(self, direction):
         counters = self._directions[direction]
         with self._lock:
             counters.in_flight += 1
-            counters.peak_in_flight = max(counters.peak_in_flight, counters.in_flight)
-        timing = Timing()
-        start = time.perf_counter()
-        ok = False
-        try:
-            yield timing
-            ok = True
-        finally:
-            timing.phases["total"] = time.perf_counter() - start
-            self._finish(counters, direction, mode, nbytes, timing, ok)
+            if counters.in_flight > counters.peak_in_flight:
+                counters.peak_in_flight = counters.in_flight
+
+    def finished(self, direction, mode, nbytes, phases, ok):
+        """Record a request that :meth:`started`: its ``phases`` (a Timing's) and whether it succeeded."""
+        with self._lock:
+            self._directions[direction].in_flight -= 1
+            self._finished.append((direction, mode, nbytes, phases, ok))
+            if len(self._finished) >= FOLD:
+                self._fold()
 
     def count_worker_restart(self):
         with self._lock:
             self._worker_restarts += 1
 
-    def _finish(self, counters, direction, mode, nbytes, timing, ok):
-        with self._lock:
-            counters.in_flight -= 1
+    def _fold(self):
+        """Count the finished requests in (lock held)."""
+        finished, self._finished = self._finished, []
+        times = {}  # (direction, mode) -> each successful request's phase times
+        for direction, mode, nbytes, phases, ok in finished:
+            counters = self._directions[direction]
             counters.ops += 1
-            counters.throttled_us += round(timing.phases["throttle"] * 1e6)
-            if not ok:
+            counters.throttled_us += round(phases["throttle"] * 1e6)
+            if ok:
+                counters.bytes += nbytes
+                times.setdefault((direction, mode), []).append(list(phases.values()))
+            else:
                 counters.errors += 1
-                return
-            counters.bytes += nbytes
-            for phase, seconds in timing.phases.items():
-                if not seconds and phase != "total":
-                    continue  # a phase this request's path did not have
-                key = (direction, mode, phase)
-                if key not in self._latencies:
-                    self._latencies[key] = _Latency()
-                self._latencies[key].record(seconds)
+        for (direction, mode), rows in times.items():
+            for phase, seconds in zip(PHASES, np.array(rows).T, strict=True):
+                if phase != "total":
+                    seconds = seconds[seconds > 0]  # requests whose path did not have this phase
+                if len(seconds):
+                    key = (direction, mode, phase)
+                    if key not in self._latencies:
+                        self._latencies[key] = _Latency()
+                    self._latencies[key].record(seconds)
 
     def snapshot(self, buckets=False):
         """Counters and latency summaries (with ``buckets``: counts per BUCKETS_US bound)."""
         with self._lock:
+            self._fold()
             result = {name: counters.as_dict() for name, counters in self._directions.items()}
             for (direction, mode, phase), latency in sorted(self._latencies.items()):
                 modes = result[direction].setdefault("latency_us", {})
@@ -132,6 +166,7 @@ class Stats:
 
     def reset(self):
         with self._lock:
+            self._finished = []
             for counters in self._directions.values():
                 in_flight = counters.in_flight
                 counters.__init__()

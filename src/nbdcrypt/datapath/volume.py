@@ -4,6 +4,18 @@ Requests are widened to whole sectors, partial ones read-modify-written
 (:mod:`.sectors`).  A range lock keeps concurrent requests on the same sectors
 from interleaving: writes are exclusive, reads shared, so a read never sees a
 sector half-written and two partial writes never undo each other.
+
+Aligned requests take it too, though they have no read-modify-write of their own:
+- an aligned write racing a partial write of the same sector must wait for its
+  read-modify-write to end, or that write puts back the old sector it read, with
+  its patch, over the aligned write's data; and the aligned write must hold the
+  sector until its ciphertext is stored, or the partial write reads a half-written
+  sector.  So it must be in the table the partial write checks;
+- a read racing an aligned write would see the old and the new ciphertext mixed
+  (Linux does not make pread atomic against pwrite on a regular file, a short
+  pwrite is split, and an NBD store splits large requests), which decrypts to
+  neither: garbage where the old or the new data should be.
+Uncontended, the lock costs about 1.3 us of a 4 KiB request's 10 us in-process.
 """
 
 import threading
