@@ -134,6 +134,13 @@ def test_luks_wrong_passphrase(tmp_path):
             header.unlock(b"wrong", f)
 
 
+def test_a_key_slot_is_refused_in_one_line(image):
+    """Every format's unlock takes a keyslot (the Image contract); qcow2's embedded
+    LUKS header is not the user's to name one of."""
+    with open(image, "rb") as f, pytest.raises(InputError, match=r"img.qcow2: --key-slot is for LUKS images"):
+        read_header(image).unlock(PASSPHRASE, f, 0)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(cluster_size=1000), "cluster size"),
     (dict(cluster_size=4 * MiB), "cluster size"),

@@ -424,7 +424,7 @@ def run_info(args):
     path = args.header or args.image
     with open_image(path) as f:
         header = read_header(f, path)
-    if getattr(header, "backing_file", None):  # a name serve would refuse is refused here too
+    if header.backing_file:  # a name serve would refuse is refused here too
         backing_path(path, header.backing_file, args.backing_dir or ())
     info = header.info()
     if header.cipher_spec:

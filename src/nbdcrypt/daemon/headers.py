@@ -8,6 +8,6 @@ from ..formats import open_header
 def read_header(f, path):
     """The header; its warnings (LUKS2: a damaged or stale copy) printed as one line each."""
     header = open_header(f, path)
-    for warning in getattr(header, "warnings", ()):
+    for warning in header.warnings:
         print(f"nbdcrypt: warning: {warning}", file=sys.stderr)
     return header

@@ -15,7 +15,7 @@ from ..datapath.device import BlockDevice
 from ..datapath.queueing import CryptPath
 from ..datapath.settings import SETTINGS
 from ..errors import InputError
-from ..formats import open_header
+from ..formats import Image, open_header
 from ..formats.qcow2.backing import backing_key_bytes, unlock_backing
 from ..storage.store import Store, StoreFile, is_uri, open_store
 from .control_server import ControlServer
@@ -100,7 +100,7 @@ class Export:
         if self.volume is not None:
             self.volume.close()
 
-    def _master_keys(self, header: Any, f: HeaderFile) -> tuple[Secret, Secret]:
+    def _master_keys(self, header: Image, f: HeaderFile) -> tuple[Secret, Secret]:
         """(the image's master key, those of its encrypted backing files)."""
         image = self.params["image"]
         if "key-file" in self.params:
@@ -117,25 +117,23 @@ class Export:
         return self.params.get("backing-dir", ())
 
 
-def unlock_all(header: Any, f: HeaderFile, image: str, passphrase: bytes | bytearray,
+def unlock_all(header: Image, f: HeaderFile, image: str, passphrase: bytes | bytearray,
                backing_passphrases: Sequence[bytes | bytearray] = (), key_slot: int | None = None,
                backing_dirs: Sequence[str] = ()) -> Secret:
     """The master keys ``image`` needs, as the daemon hands them over: its own (from
     LUKS keyslot ``key_slot`` only, if given), then those of its encrypted qcow2
     backing files, which may lie in ``backing_dirs`` (unlocked first, so a missing
     backing key fails before the image's key derivation).  One bytearray to wipe."""
-    if key_slot is not None and not hasattr(header, "unlock_slot"):
-        raise InputError(f"{image}: --key-slot is for LUKS images")
     backing = unlock_backing(header, image, backing_passphrases, backing_dirs)
     try:
-        key = header.unlock(passphrase, f) if key_slot is None else header.unlock(passphrase, f, key_slot)
+        key = header.unlock(passphrase, f, key_slot)
     except BaseException:
         wipe(backing)
         raise
     return joined([key, backing])
 
 
-def split_keys(header: Any, image: str, keys: Secret, backing_dirs: Sequence[str] = ()) -> tuple[Secret, Secret]:
+def split_keys(header: Image, image: str, keys: Secret, backing_dirs: Sequence[str] = ()) -> tuple[Secret, Secret]:
     """(master key, backing keys) from what :func:`unlock_all` returned (which is wiped)."""
     cut = len(keys) - backing_key_bytes(header, image, backing_dirs)
     if cut <= 0:

@@ -14,10 +14,16 @@ so one passphrase serves a chain that shares it.
 """
 
 import os
+from collections.abc import Callable, Sequence
+from typing import IO, TYPE_CHECKING
 
-from nbdcrypt.crypto.secrets import joined
+from nbdcrypt.crypto.secrets import Secret, joined
 from nbdcrypt.errors import InputError, UnsupportedError
+from nbdcrypt.formats.image import Image, Passphrase
 from nbdcrypt.formats.qcow2.header import Qcow2Header
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typeshed's; not needed at run time
 
 MAX_DEPTH = 16
 MISSING_KEY = "the backing file is encrypted: give its passphrase (--backing-key-file)"
@@ -27,12 +33,12 @@ WHICH_KEYS = "one --backing-key-file per encrypted backing file, nearest first"
 class Backing:
     """Read-only data of ``size`` bytes read by ``read_into(buf, offset)``; zeros past its end."""
 
-    def __init__(self, read_into, size, close):
+    def __init__(self, read_into: Callable[["Buffer", int], None], size: int, close: Callable[[], None]) -> None:
         self._read_into = read_into
         self.size = size
         self.close = close
 
-    def read(self, buf, offset):
+    def read(self, buf: "Buffer", offset: int) -> None:
         view = memoryview(buf)
         inside = max(0, min(len(view), self.size - offset))
         if inside:
@@ -40,7 +46,7 @@ class Backing:
         view[inside:] = bytes(len(view) - inside)
 
 
-def backing_path(image_path, name, backing_dirs=()):
+def backing_path(image_path: str | os.PathLike[str], name: str, backing_dirs: Sequence[str] = ()) -> str:
     """The real path of the backing file ``name`` of the image at ``image_path``, checked
     before anything opens it: a relative name without ``..`` may resolve inside the
     image's directory, any name inside one of ``backing_dirs``."""
@@ -55,14 +61,17 @@ def backing_path(image_path, name, backing_dirs=()):
     return real
 
 
-def backing_chain(header, image_path, backing_dirs=()):
+def backing_chain(header: Image | Qcow2Header, image_path: str,
+                  backing_dirs: Sequence[str] = ()) -> list[tuple[str, Qcow2Header | None]]:
     """[(real path, qcow2 header, or None for raw)] below the image at ``image_path``,
     nearest first.  ``header`` may be any format's: only qcow2 has backing files."""
-    chain, seen, path = [], {os.path.realpath(image_path)}, image_path
-    while getattr(header, "backing_file", None):
+    chain: list[tuple[str, Qcow2Header | None]] = []
+    seen, path = {os.path.realpath(image_path)}, image_path
+    layer: Image | Qcow2Header | None = header
+    while isinstance(layer, Qcow2Header) and layer.backing_file:
         if len(chain) == MAX_DEPTH:
             raise InputError(f"{image_path}: backing chain longer than {MAX_DEPTH}")
-        name, fmt = header.backing_file, header.backing_format
+        name, fmt = layer.backing_file, layer.backing_format
         if fmt is None:  # QEMU would probe the file; an old image, fixed by recording it
             raise InputError(f"{path}: no backing format for backing file {name!r}; record it with "
                              f"`qemu-img rebase -u -b NAME -F raw|qcow2`")
@@ -74,12 +83,13 @@ def backing_chain(header, image_path, backing_dirs=()):
         seen.add(real)
         path = os.path.join(os.path.dirname(path), name)  # deeper names are relative to this, as in QEMU
         with _open(real) as f:
-            header = Qcow2Header.read(f, real) if fmt == "qcow2" else None
-        chain.append((real, header))
+            layer = Qcow2Header.read(f, real) if fmt == "qcow2" else None
+        chain.append((real, layer))
     return chain
 
 
-def unlock_backing(header, image_path, passphrases, backing_dirs=()):
+def unlock_backing(header: Image, image_path: str, passphrases: Sequence[Passphrase],
+                   backing_dirs: Sequence[str] = ()) -> Secret:
     """The master keys of the chain's encrypted files, the k-th unlocked with
     ``passphrases[k]`` (or the last one, past the end); one Secret to wipe, empty
     if none is encrypted."""
@@ -99,12 +109,12 @@ def unlock_backing(header, image_path, passphrases, backing_dirs=()):
     return joined(keys)
 
 
-def backing_key_bytes(header, image_path, backing_dirs=()):
+def backing_key_bytes(header: Image, image_path: str, backing_dirs: Sequence[str] = ()) -> int:
     """How long the buffer of :func:`unlock_backing` is."""
     return sum(b.key_bytes for _, b in backing_chain(header, image_path, backing_dirs) if b and b.encryption)
 
 
-def _open(path):
+def _open(path: str) -> IO[bytes]:
     try:
         return open(path, "rb")
     except OSError as e:

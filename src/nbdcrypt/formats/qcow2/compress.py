@@ -15,7 +15,8 @@ from nbdcrypt.errors import FormatError
 ZLIB, ZSTD = 0, 1
 
 
-def decompress(data, cluster_size, compression_type, name="image"):
+def decompress(data: bytes | bytearray, cluster_size: int, compression_type: int,
+               name: str = "image") -> bytes | bytearray:
     """One cluster's plaintext from its compressed bytes."""
     try:
         if compression_type == ZLIB:

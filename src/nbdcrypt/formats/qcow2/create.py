@@ -5,18 +5,34 @@ refcount table, the refcount blocks describing every cluster written here, the L
 table and (LUKS) the embedded LUKS1 header.  No data cluster is allocated.
 """
 
+import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from nbdcrypt.errors import InputError
+from nbdcrypt.formats.image import Passphrase
 from nbdcrypt.formats.luks1 import format_luks1
 from nbdcrypt.formats.luks_common import create_file
 from nbdcrypt.formats.qcow2.backing import backing_path
 from nbdcrypt.formats.qcow2.header import (
-    CRYPT_AES, CRYPT_LUKS, CRYPTO_EXT_FIELDS, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_END, EXT_FIELDS,
-    MAGIC, V2_FIELDS, V3_FIELDS, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Qcow2Header)
+    CRYPT_AES,
+    CRYPT_LUKS,
+    CRYPTO_EXT_FIELDS,
+    EXT_BACKING_FORMAT,
+    EXT_CRYPTO,
+    EXT_END,
+    EXT_FIELDS,
+    MAGIC,
+    MAX_BACKING_NAME,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+    V2_FIELDS,
+    V3_FIELDS,
+    Qcow2Header,
+)
 
 AES_WARNING = ("legacy qcow2 AES encryption is deprecated by QEMU and weak: the passphrase "
                "is the key, with no key derivation and predictable IVs")
@@ -24,9 +40,11 @@ REFCOUNT_ORDER = 4
 V3_HEADER_LENGTH = 112  # the v3 fields, the compression type byte and padding, as QEMU writes
 
 
-def create(path, size, passphrase, encrypt="luks", cluster_size=65536, compat="1.1", backing=None,
-           backing_format=None, cipher="aes-xts-plain64", key_bits=512, hash_name="sha256",
-           iter_time_ms=2000, allow_aes=False, backing_dirs=()):
+def create(path: str | os.PathLike[str], size: int, passphrase: Passphrase, encrypt: str = "luks",
+           cluster_size: int = 65536, compat: str = "1.1", backing: str | None = None,
+           backing_format: str | None = None, cipher: str = "aes-xts-plain64", key_bits: int = 512,
+           hash_name: str = "sha256", iter_time_ms: int = 2000, allow_aes: bool = False,
+           backing_dirs: Sequence[str] = ()) -> Qcow2Header:
     """Create an encrypted qcow2 image of ``size`` virtual bytes at ``path``; returns its
     header.  ``encrypt="aes"`` needs ``allow_aes=True`` (callers should show AES_WARNING).
     A ``backing`` file needs its ``backing_format`` (never probed, as in qemu-img 7.2) and

@@ -16,12 +16,13 @@ import io
 import os
 import struct
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from nbdcrypt.crypto.engine import SectorCipher
 from nbdcrypt.crypto.secrets import Secret
 from nbdcrypt.crypto.spec import CipherSpec
 from nbdcrypt.errors import FormatError, InputError, UnsupportedError
+from nbdcrypt.formats.image import ImageFile, Key, Passphrase
 from nbdcrypt.formats.luks1 import Luks1Header
 from nbdcrypt.formats.qcow2.snapshots import Snapshot, read_snapshots
 
@@ -63,7 +64,7 @@ AUTOCLEAR_OFFSET = 88
 assert V2_FIELDS.size == V2_HEADER_SIZE and V2_FIELDS.size + V3_FIELDS.size == V3_HEADER_SIZE
 
 
-def probe(f):
+def probe(f: ImageFile) -> str | None:
     """``"qcow2"`` if ``f`` starts with the qcow2 magic (any version), else None."""
     f.seek(0)
     return "qcow2" if f.read(len(MAGIC)) == MAGIC else None
@@ -99,44 +100,53 @@ class Qcow2Header:
     name: str = field(default="image", compare=False)
 
     sector_size: ClassVar[int] = SECTOR_SIZE
+    warnings: ClassVar[tuple[str, ...]] = ()
 
     @property
-    def cluster_size(self):
+    def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
     @property
-    def l2_entries(self):
+    def l2_entries(self) -> int:
         return self.cluster_size // 8
 
     @property
-    def encryption(self):
+    def encryption(self) -> str | None:
         """``"luks"``, ``"aes"`` or None."""
         return CRYPT_NAMES[self.crypt_method]
 
     @property
-    def key_bytes(self):
+    def key_bytes(self) -> int:
         """The master key's length (0: unencrypted)."""
         if self.crypt_method == CRYPT_LUKS:
-            return self.luks.key_bytes
+            return self._luks.key_bytes
         return AES_KEY_BYTES if self.crypt_method == CRYPT_AES else 0
 
     @property
-    def cipher_spec(self):
+    def cipher_spec(self) -> CipherSpec | None:
         if self.crypt_method == CRYPT_LUKS:
-            return self.luks.cipher_spec
+            return self._luks.cipher_spec
         return AES_SPEC if self.crypt_method == CRYPT_AES else None
+
+    @property
+    def _luks(self) -> Luks1Header:
+        """The embedded LUKS header, which :meth:`read` finds for every LUKS image."""
+        if self.luks is None:
+            raise FormatError(f"{self.name}: the embedded LUKS header was not read")
+        return self.luks
 
     # -- on-disk structure ---------------------------------------------------------
 
     @classmethod
-    def read(cls, f, name="image"):
+    def read(cls, f: ImageFile, name: str = "image") -> Self:
         """Read and check the header of an open binary file (which the caller closes)."""
         file_size = f.seek(0, os.SEEK_END)
         f.seek(0)
         head = f.read(1 << MAX_CLUSTER_BITS)
         header = cls.parse(head, file_size, name)
         if header.nb_snapshots:
-            snapshots, length = read_snapshots(f, header, file_size, header._l1_checker(file_size))
+            snapshots, length = read_snapshots(f, header.snapshots_offset, header.nb_snapshots, file_size, name,
+                                               header._l1_checker(file_size))
             header = replace(header, snapshots=snapshots, snapshots_length=length)
         if header.crypt_method != CRYPT_LUKS:
             return header
@@ -148,7 +158,7 @@ class Qcow2Header:
         return replace(header, luks=luks)
 
     @classmethod
-    def parse(cls, buf, file_size, name="image"):
+    def parse(cls, buf: bytes, file_size: int, name: str = "image") -> Self:
         """Decode the first cluster ``buf`` of a file of ``file_size`` bytes; the
         embedded LUKS header (if any) is left to :meth:`read`."""
         if buf[:4] != MAGIC:
@@ -184,7 +194,7 @@ class Qcow2Header:
         header.check(file_size)
         return header
 
-    def check(self, file_size):
+    def check(self, file_size: int) -> None:
         """Sanity-check every field against the others and the file size."""
         name, cs = self.name, self.cluster_size
         self._check_features()
@@ -234,7 +244,7 @@ class Qcow2Header:
             raise FormatError(f"{name}: compression type feature bit does not match "
                               f"compression type {self.compression_type}")
 
-    def write_refusal(self):
+    def write_refusal(self) -> str | None:
         """Why this image must not be written (None if it may): features whose
         metadata nbdcrypt would not keep consistent."""
         if self.incompatible & DIRTY:
@@ -243,10 +253,10 @@ class Qcow2Header:
             return "is marked corrupt: run `qemu-img check -r all` first or serve it --readonly"
         return None
 
-    def info(self):
+    def info(self) -> dict[str, object]:
         """What ``qemu-img info`` shows, without anything secret."""
         features = [n for bit, n in INCOMPATIBLE_NAMES.items() if self.incompatible & bit]
-        info = {
+        info: dict[str, object] = {
             "format": "qcow2",
             "version": self.version,
             "compat": "1.1" if self.version == 3 else "0.10",
@@ -270,32 +280,34 @@ class Qcow2Header:
 
     # -- keys and the volume -------------------------------------------------------
 
-    def unlock(self, passphrase, f):
-        """The master key (a bytearray the caller should wipe)."""
+    def unlock(self, passphrase: Passphrase, f: ImageFile, slot: int | None = None) -> bytearray:
+        """The master key (a bytearray the caller should wipe).  The embedded LUKS
+        header's keyslots are not the user's to name."""
+        if slot is not None:
+            raise InputError(f"{self.name}: --key-slot is for LUKS images")
         if self.crypt_method == CRYPT_LUKS:
-            return self.luks.unlock(passphrase, _Window(f, self.crypto_offset, self.crypto_length))
+            return self._luks.unlock(passphrase, _Window(f, self.crypto_offset, self.crypto_length))
         if self.crypt_method == CRYPT_AES:
             return aes_key(passphrase)
         raise UnsupportedError(f"{self.name}: qcow2 image is not encrypted")
 
-    def check_master_key(self, key):
+    def check_master_key(self, key: Key) -> None:
         if self.crypt_method == CRYPT_LUKS:
-            self.luks.check_master_key(key)
+            self._luks.check_master_key(key)
         elif len(key) != AES_KEY_BYTES:
             raise InputError(f"{self.name}: legacy AES key is {len(key)} bytes, expected {AES_KEY_BYTES}")
 
-    def cipher(self, key):
+    def cipher(self, key: Key) -> SectorCipher | None:
         """The sector cipher, or None for an unencrypted image."""
-        if self.crypt_method == CRYPT_NONE:
-            return None
-        return SectorCipher(self.cipher_spec, key, sector_size=SECTOR_SIZE)
+        spec = self.cipher_spec
+        return None if spec is None else SectorCipher(spec, key, sector_size=SECTOR_SIZE)
 
-    def payload_size(self, data_size):
+    def payload_size(self, data_size: int) -> int:
         """The virtual size (the file size says nothing about it)."""
         return self.size
 
 
-def aes_key(passphrase):
+def aes_key(passphrase: Passphrase) -> Secret:
     """QEMU's legacy AES key: the passphrase as a C string, cut or zero-padded to 16 bytes."""
     end = passphrase.find(0)
     length = min(AES_KEY_BYTES, len(passphrase) if end < 0 else end)
@@ -360,18 +372,18 @@ class _Window(io.RawIOBase):
         super().__init__()
         self._f, self._offset, self._length, self._pos = f, offset, length, 0
 
-    def seekable(self):
+    def seekable(self) -> bool:
         return True
 
-    def readable(self):
+    def readable(self) -> bool:
         return True
 
-    def seek(self, pos, whence=os.SEEK_SET):
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
         self._pos = base + pos
         return self._pos
 
-    def read(self, size=-1):
+    def read(self, size: int = -1) -> bytes:
         end = self._length if size < 0 else min(self._length, self._pos + size)
         if end <= self._pos:
             return b""

@@ -11,12 +11,14 @@ L2 tables only snapshots use are not read, as QEMU's default level does not.
 
 import bisect
 
+from nbdcrypt.formats.qcow2.header import Qcow2Header
+
 
 class Metadata:
-    def __init__(self, header):
+    def __init__(self, header: Qcow2Header) -> None:
         cs = header.cluster_size
-        self.l2_tables = set()  # host offsets of the active L2 tables
-        self.refcount_blocks = set()  # host offsets
+        self.l2_tables: set[int] = set()  # host offsets of the active L2 tables
+        self.refcount_blocks: set[int] = set()  # host offsets
         self.refcount_table = (header.reftable_offset, header.reftable_clusters * cs)
         areas = [("the header", 0, cs), ("the L1 table", header.l1_offset, header.l1_size * 8),
                  ("the LUKS header", header.crypto_offset, header.crypto_length),
@@ -25,7 +27,7 @@ class Metadata:
         self._areas = _merged(sorted((start, start + length, what) for what, start, length in areas if length))
         self._starts = [start for start, _, _ in self._areas]
 
-    def at(self, host):
+    def at(self, host: int) -> str | None:
         """What the cluster at ``host`` (a cluster offset) holds, or None."""
         if host in self.l2_tables:
             return "an L2 table"

@@ -22,15 +22,17 @@ from collections import Counter
 import numpy as np
 
 from nbdcrypt.errors import FormatError
-from nbdcrypt.formats.qcow2.header import REFTABLE_FIELDS, REFTABLE_FIELDS_OFFSET
+from nbdcrypt.formats.qcow2.header import REFTABLE_FIELDS, REFTABLE_FIELDS_OFFSET, Qcow2Header
+from nbdcrypt.formats.qcow2.metadata import Metadata
 from nbdcrypt.formats.qcow2.tables import OFFSET_MASK, LruCache
+from nbdcrypt.storage.store import Store
 
 CACHE_BYTES = 4 << 20
 MIN_CACHED_BLOCKS = 4
 
 
 class Refcounts:
-    def __init__(self, header, store, file_size, metadata):
+    def __init__(self, header: Qcow2Header, store: Store, file_size: int, metadata: Metadata) -> None:
         self.store = store
         self.name = header.name
         self.order = header.refcount_order
@@ -45,15 +47,15 @@ class Refcounts:
         self.metadata = metadata  # its refcount blocks and table are kept here
         metadata.refcount_blocks.update(set(self.table) - {0})
         self.end = -(-file_size // self.cluster_size)  # clusters in the file, or allocated
-        self._blocks = LruCache(max(MIN_CACHED_BLOCKS, CACHE_BYTES // self.cluster_size),
-                                self._write_back)  # block offset -> bytearray
-        self._dirty = {}  # block offset -> [lo, hi) bytes to write
-        self._dirty_table = set()  # refcount table indices to write
+        self._blocks: LruCache[int, bytearray] = LruCache(  # by block offset
+            max(MIN_CACHED_BLOCKS, CACHE_BYTES // self.cluster_size), self._write_back)
+        self._dirty: dict[int, list[int]] = {}  # block offset -> [lo, hi) bytes to write
+        self._dirty_table: set[int] = set()  # refcount table indices to write
         self._hint = 0  # no free cluster below this index
 
     # -- reading -------------------------------------------------------------------
 
-    def get(self, cluster):
+    def get(self, cluster: int) -> int:
         block = self._block_of(cluster)
         return 0 if block is None else _get(block, cluster % self.per_block, self.order)
 
@@ -76,10 +78,10 @@ class Refcounts:
 
     # -- changing ------------------------------------------------------------------
 
-    def allocate(self, count):
+    def allocate(self, count: int) -> list[int]:
         """The indices of ``count`` free clusters, their refcounts now 1 (uncommitted);
         none are taken if one turns out to hold metadata (FormatError)."""
-        taken = []
+        taken: list[int] = []
         try:
             while len(taken) < count:
                 taken.append(self._allocate_one())
@@ -103,7 +105,7 @@ class Refcounts:
                 self._hint = cluster + 1
                 return cluster
 
-    def check_release(self, ranges):
+    def check_release(self, ranges: list[tuple[int, int]]) -> None:
         """FormatError, before anything is written, if dropping a reference for each
         (offset, length) of ``ranges`` would take a refcount below 0 (a corrupt image)."""
         drops = Counter(c for offset, length in ranges for c in self._clusters(offset, length))
@@ -111,7 +113,7 @@ class Refcounts:
             if self.get(cluster) < n:
                 raise FormatError(f"{self.name}: refcount of cluster {cluster} would go below 0")
 
-    def release(self, offset, length=1):
+    def release(self, offset: int, length: int = 1) -> None:
         """Drop one reference to each cluster overlapping [offset, offset+length)."""
         for cluster in self._clusters(offset, length):
             count = self.get(cluster)
@@ -124,7 +126,7 @@ class Refcounts:
     def _clusters(self, offset, length):
         return range(offset // self.cluster_size, (offset + length - 1) // self.cluster_size + 1)
 
-    def commit(self):
+    def commit(self) -> None:
         """Write changed refcounts (blocks, then table entries pointing at new blocks).
         The caller flushes."""
         for offset in list(self._dirty):

@@ -8,9 +8,11 @@ does, and its L1 table must lie inside the file.
 
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdcrypt.errors import FormatError
+from nbdcrypt.formats.image import ImageFile
 
 # L1 offset and entries, ID and name lengths, date (s, ns), VM clock (ns),
 # VM state size, extra data size.
@@ -32,7 +34,7 @@ class Snapshot:
     vm_state_size: int
     icount: int | None
 
-    def info(self):
+    def info(self) -> dict[str, object]:
         """The columns of ``qemu-img snapshot -l`` (date in local time, as there)."""
         seconds, ms = divmod(self.vm_clock_nsec // 1_000_000, 1000)
         clock = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}.{ms:03d}"
@@ -41,17 +43,19 @@ class Snapshot:
                 "vm_clock": clock, "icount": self.icount}
 
 
-def read_snapshots(f, header, file_size, check_area):
-    """(snapshots, the table's length in bytes) of the image open in ``f`` whose header
-    is ``header``; ``check_area(what, offset, length)`` checks a metadata area against the file."""
-    snapshots, offset = [], header.snapshots_offset
-    for _ in range(header.nb_snapshots):
-        fixed = _read(f, offset, ENTRY_FIELDS.size, file_size, header.name)
+def read_snapshots(f: ImageFile, start: int, count: int, file_size: int, image: str,
+                   check_area: Callable[[str, int, int], None]) -> tuple[tuple[Snapshot, ...], int]:
+    """(snapshots, the table's length in bytes) of the ``count`` entries at ``start`` of
+    the image ``image`` open in ``f``; ``check_area(what, offset, length)`` checks a
+    metadata area against the file."""
+    snapshots, offset = [], start
+    for _ in range(count):
+        fixed = _read(f, offset, ENTRY_FIELDS.size, file_size, image)
         (l1_offset, l1_size, id_size, name_size, date_sec, date_nsec, clock, vm_state,
          extra_size) = ENTRY_FIELDS.unpack(fixed)
         if extra_size > MAX_EXTRA_BYTES:
-            raise FormatError(f"{header.name}: snapshot with {extra_size} bytes of extra data")
-        rest = _read(f, offset + ENTRY_FIELDS.size, extra_size + id_size + name_size, file_size, header.name)
+            raise FormatError(f"{image}: snapshot with {extra_size} bytes of extra data")
+        rest = _read(f, offset + ENTRY_FIELDS.size, extra_size + id_size + name_size, file_size, image)
         extra, ident = rest[:extra_size], rest[extra_size:extra_size + id_size]
         name = rest[extra_size + id_size:]
         if extra_size >= 8:
@@ -64,9 +68,9 @@ def read_snapshots(f, header, file_size, check_area):
             check_area(f"snapshot {snapshot.id} L1 table", l1_offset, l1_size * 8)
         snapshots.append(snapshot)
         offset += -(-(len(fixed) + len(rest)) // 8) * 8
-        if offset - header.snapshots_offset > MAX_TABLE_BYTES:
-            raise FormatError(f"{header.name}: snapshot table is larger than {MAX_TABLE_BYTES} bytes")
-    return tuple(snapshots), offset - header.snapshots_offset
+        if offset - start > MAX_TABLE_BYTES:
+            raise FormatError(f"{image}: snapshot table is larger than {MAX_TABLE_BYTES} bytes")
+    return tuple(snapshots), offset - start
 
 
 def _read(f, offset, length, file_size, name):

@@ -8,11 +8,17 @@ L2 table) is shared with a snapshot and must be copied first.
 """
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from nbdcrypt.errors import FormatError
+from nbdcrypt.formats.qcow2.header import Qcow2Header
+from nbdcrypt.formats.qcow2.metadata import Metadata
+from nbdcrypt.storage.store import Store
 
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
@@ -20,6 +26,10 @@ ZERO = 1
 OFFSET_MASK = ((1 << 56) - 1) & ~511  # bits 9..55
 L1_RESERVED = ((1 << 63) - 1) & ~OFFSET_MASK  # bits 0..8 and 56..62
 CACHE_BYTES = 32 << 20
+
+L2Table = npt.NDArray[np.uint64]
+K = TypeVar("K")
+V = TypeVar("V")
 
 UNALLOCATED, NORMAL, ZERO_PLAIN, ZERO_ALLOC, COMPRESSED_DATA = range(5)
 
@@ -35,12 +45,12 @@ class Mapping:
     copied: bool = False
 
     @property
-    def in_place(self):
+    def in_place(self) -> bool:
         """Writable where it is: allocated, unshared data."""
         return self.kind in (NORMAL, ZERO_ALLOC) and self.copied
 
 
-def decode(entry, cluster_bits):
+def decode(entry: int, cluster_bits: int) -> Mapping:
     """The :class:`Mapping` of a raw L2 entry."""
     if entry & COMPRESSED:
         shift = 62 - (cluster_bits - 8)
@@ -58,7 +68,7 @@ class Tables:
 
     Not thread-safe: the volume calls it under its metadata lock."""
 
-    def __init__(self, header, store, file_size, metadata):
+    def __init__(self, header: Qcow2Header, store: Store, file_size: int, metadata: Metadata) -> None:
         self.store = store
         self.name = header.name
         self.cluster_bits = header.cluster_bits
@@ -71,9 +81,9 @@ class Tables:
         self.metadata = metadata  # its set of L2 tables is kept here
         metadata.l2_tables.update({e & OFFSET_MASK for e in self.l1} - {0})
         self.file_size = file_size  # bound for L2 offsets; the volume raises it as it allocates
-        self._cache = LruCache(max(16, CACHE_BYTES // self.cluster_size))
+        self._cache: LruCache[int, L2Table] = LruCache(max(16, CACHE_BYTES // self.cluster_size))
 
-    def l2_location(self, l1_index):
+    def l2_location(self, l1_index: int) -> tuple[int, bool]:
         """(L2 table offset or 0, COPIED flag) of one L1 entry, checked."""
         entry = self.l1[l1_index]
         offset = entry & OFFSET_MASK
@@ -82,7 +92,7 @@ class Tables:
             raise FormatError(f"{self.name}: L1 entry {l1_index} ({entry:#x}) is corrupt")
         return offset, bool(entry & COPIED)
 
-    def lookup(self, guest_cluster):
+    def lookup(self, guest_cluster: int) -> Mapping:
         """The :class:`Mapping` of a guest cluster (by index)."""
         l1_index, l2_index = divmod(guest_cluster, self.l2_entries)
         offset, _ = self.l2_location(l1_index)
@@ -90,7 +100,7 @@ class Tables:
             return Mapping(UNALLOCATED)
         return decode(int(self.table(offset)[l2_index]), self.cluster_bits)
 
-    def table(self, offset):
+    def table(self, offset: int) -> L2Table:
         """The L2 table at ``offset`` as a uint64 array (cached; do not modify)."""
         table = self._cache.get(offset)
         if table is None:
@@ -100,12 +110,12 @@ class Tables:
             self._cache.put(offset, table)
         return table
 
-    def write_table(self, offset, table):
+    def write_table(self, offset: int, table: L2Table) -> None:
         """Write a whole (new) L2 table."""
         self.store.write(table.astype(">u8").tobytes(), offset)
         self._cache.put(offset, table)
 
-    def set_entries(self, offset, updates):
+    def set_entries(self, offset: int, updates: dict[int, int]) -> None:
         """Set L2 entries {index: value} of the table at ``offset`` and write them through."""
         table = self.table(offset)
         for index, value in updates.items():
@@ -113,33 +123,33 @@ class Tables:
         lo, hi = min(updates), max(updates) + 1
         self.store.write(table[lo:hi].astype(">u8").tobytes(), offset + lo * 8)
 
-    def set_l1(self, index, value):
+    def set_l1(self, index: int, value: int) -> None:
         self.metadata.l2_tables.discard(self.l1[index] & OFFSET_MASK)
         self.metadata.l2_tables.add(value & OFFSET_MASK)
         self.l1[index] = value
         self.store.write(value.to_bytes(8, "big"), self.l1_offset + index * 8)
 
 
-class LruCache:
+class LruCache(Generic[K, V]):
     """At most ``capacity`` entries; the least recently used leaves first, after
     ``evict(key, value)`` has run (to write it out if it is dirty)."""
 
-    def __init__(self, capacity, evict=None):
+    def __init__(self, capacity: int, evict: Callable[[K, V], None] | None = None) -> None:
         self.capacity = capacity
-        self._entries = OrderedDict()
+        self._entries: OrderedDict[K, V] = OrderedDict()
         self._evict = evict
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key):
+    def get(self, key: K) -> V | None:
         """The entry (now the most recently used), or None."""
         value = self._entries.get(key)
         if value is not None:
             self._entries.move_to_end(key)
         return value
 
-    def put(self, key, value):
+    def put(self, key: K, value: V) -> None:
         self._entries[key] = value
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:

@@ -28,15 +28,19 @@ metadata lock stays true while its data is read or written outside it.
 """
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nbdcrypt.crypto.engine import SectorCipher
+from nbdcrypt.datapath.device import Extent
 from nbdcrypt.datapath.queueing import CryptPath
 from nbdcrypt.datapath.sectors import SectorIO, write_zeros
 from nbdcrypt.datapath.volume import RangeLock
 from nbdcrypt.errors import FormatError, ReadOnlyError, UnsupportedError
+from nbdcrypt.formats.qcow2.backing import Backing
 from nbdcrypt.formats.qcow2.compress import decompress
-from nbdcrypt.formats.qcow2.header import AUTOCLEAR_OFFSET, CRYPT_LUKS, SECTOR_SIZE
+from nbdcrypt.formats.qcow2.header import AUTOCLEAR_OFFSET, CRYPT_LUKS, SECTOR_SIZE, Qcow2Header
 from nbdcrypt.formats.qcow2.metadata import Metadata
 from nbdcrypt.formats.qcow2.refcounts import Refcounts
 from nbdcrypt.formats.qcow2.tables import (
@@ -50,13 +54,17 @@ from nbdcrypt.formats.qcow2.tables import (
     Mapping,
     Tables,
 )
+from nbdcrypt.storage.store import Store
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typeshed's; not needed at run time
 
 EXTENT_HOLE, EXTENT_ZERO = 1, 2
 
 
 class Qcow2Volume:
-    """``size`` plaintext bytes; ``cipher`` is a SectorCipher (None: unencrypted);
-    ``backing`` has ``read(buf, offset)`` (None: unallocated clusters read as zeros);
+    """``size`` plaintext bytes; ``cipher`` None: unencrypted; ``backing`` None:
+    unallocated clusters read as zeros;
     ``path`` is the export's queueing layer, where data crypto runs (default: a new
     one), shared with the backing chain."""
 
@@ -64,7 +72,8 @@ class Qcow2Volume:
     can_trim = True  # discarded clusters are freed
     can_extents = True  # holes and zero clusters are known
 
-    def __init__(self, header, store, cipher, backing=None, path=None):
+    def __init__(self, header: Qcow2Header, store: Store, cipher: SectorCipher | None, backing: Backing | None = None,
+                 path: CryptPath | None = None) -> None:
         self.header, self.store, self.cipher, self.backing = header, store, cipher, backing
         self.path = CryptPath() if path is None else path
         self.name = header.name
@@ -93,7 +102,7 @@ class Qcow2Volume:
 
     # -- the block device ----------------------------------------------------------
 
-    def read(self, buf, offset):
+    def read(self, buf: "Buffer", offset: int) -> None:
         """Fill the writable buffer ``buf`` with the plaintext at ``offset``."""
         view = memoryview(buf).cast("B")
         with self.path.request("read", len(view)), \
@@ -101,23 +110,23 @@ class Qcow2Volume:
             for guest, length, mapping in self._runs(offset, len(view)):
                 self._read_run(view[guest - offset:guest - offset + length], guest, mapping)
 
-    def write(self, data, offset, fua=False):
-        data = memoryview(data).cast("B")
+    def write(self, data: "Buffer", offset: int, fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
         self._check_writable()
-        with self.path.request("write", len(data)), \
-                self._ranges(*self._clusters_around(offset, len(data)), exclusive=True):
-            runs = self._runs(offset, len(data))
+        with self.path.request("write", len(view)), \
+                self._ranges(*self._clusters_around(offset, len(view)), exclusive=True):
+            runs = self._runs(offset, len(view))
             if all(m.kind == NORMAL and m.copied for _, _, m in runs):
                 # Data in place, no metadata: FUA is the data write's own (RWF_DSYNC).
                 for guest, length, m in runs:
-                    self._write_data(data[guest - offset:guest - offset + length], m.host, guest, fua)
+                    self._write_data(view[guest - offset:guest - offset + length], m.host, guest, fua)
                 return
             with self._meta:
-                self._rewrite(offset, len(data), data)
+                self._rewrite(offset, len(view), view)
         if fua:
             self.store.flush()  # the data and the metadata that points at it
 
-    def zero(self, count, offset, fua=False):
+    def zero(self, count: int, offset: int, fua: bool = False) -> None:
         """Write zeros; whole clusters of a v3 image become zero clusters (no data written)."""
         self._check_writable()
         end = offset + count
@@ -131,7 +140,7 @@ class Qcow2Volume:
         if fua and first < last:
             self.store.flush()
 
-    def trim(self, count, offset, fua=False):
+    def trim(self, count: int, offset: int, fua: bool = False) -> None:
         """Discard, as QEMU does: whole clusters lose their mapping (v3 with a backing
         file: zero clusters, so the backing data stays hidden) and their host clusters
         a reference; partial clusters are left as they are."""
@@ -143,10 +152,10 @@ class Qcow2Volume:
         if fua:
             self.store.flush()
 
-    def flush(self):
+    def flush(self) -> None:
         self.store.flush()
 
-    def close(self):
+    def close(self) -> None:
         """Release the image and its backing chain (and their image locks); the
         queueing layer they share is closed by whichever closes first."""
         self.path.close()
@@ -154,15 +163,15 @@ class Qcow2Volume:
         if self.backing is not None:
             self.backing.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Qcow2Volume":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def extents(self, count, offset):
+    def extents(self, count: int, offset: int) -> list[Extent]:
         """[(offset, length, type)] with nbdkit's EXTENT_HOLE/EXTENT_ZERO bits."""
-        out = []
+        out: list[Extent] = []
         for guest, length, m in self._runs(offset, count):
             kind = _extent_type(m, self.backing is not None)
             if out and out[-1][2] == kind:
@@ -173,7 +182,7 @@ class Qcow2Volume:
 
     # -- mapping -------------------------------------------------------------------
 
-    def _clusters_around(self, offset, length):
+    def _clusters_around(self, offset: int, length: int) -> tuple[int, int]:
         cs = self._cs
         return offset // cs * cs, -(-(offset + length) // cs) * cs
 
