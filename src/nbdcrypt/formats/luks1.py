@@ -312,9 +312,16 @@ class Luks1Header(Payload):
         return new, writes + removal
 
     def without_keyslot(self, slot_id: int) -> tuple[Self, Writes]:
-        # cryptsetup clears a disabled slot's salt and count
-        new = self._with_slot(slot_id, Keyslot(False, 0, bytes(SALT_SIZE), self.keyslots[slot_id].offset))
+        new = self._with_slot(slot_id, _disabled(self.keyslots[slot_id].offset))
         return new, new._after_header(slot_id)
+
+    def erased(self) -> tuple[Self, Writes]:
+        """``(new header, writes)``: every keyslot disabled in one header write, then every
+        keyslot area overwritten with random bytes (cryptsetup luksErase).  A torn header
+        write leaves each slot enabled with its material intact, or disabled."""
+        new = replace(self, keyslots=tuple(_disabled(slot.offset) for slot in self.keyslots))
+        size = self.keyslot_sectors * SECTOR_SIZE
+        return new, [(0, new.pack()), *((slot.offset * SECTOR_SIZE, os.urandom(size)) for slot in self.keyslots)]
 
     def _with_slot(self, slot_id, slot):
         slots = list(self.keyslots)
@@ -328,6 +335,11 @@ class Luks1Header(Payload):
             writes.append((self.keyslots[wiped].offset * SECTOR_SIZE,
                            os.urandom(self.keyslot_sectors * SECTOR_SIZE)))
         return writes
+
+
+def _disabled(offset):
+    """A disabled keyslot as cryptsetup leaves one: salt and iteration count cleared."""
+    return Keyslot(False, 0, bytes(SALT_SIZE), offset)
 
 
 def _decode(raw, label, name):
@@ -408,7 +420,7 @@ def format_luks1(path: str | os.PathLike[str], payload_size: int, passphrase: Pa
         empty = Luks1Header(
             spec, hash_name, payload_sector, key_bytes,
             pbkdf2(hash_name, master_key, mk_salt, mk_iterations, DIGEST_SIZE), mk_salt, mk_iterations,
-            str(uuid.uuid4()), tuple(Keyslot(False, 0, bytes(SALT_SIZE), o) for o in offsets), str(path))
+            str(uuid.uuid4()), tuple(_disabled(o) for o in offsets), str(path))
         empty.check(file_size)
         kdf = new_kdf("pbkdf2", iter_time_ms, key_bytes, hash_name, iterations=iterations)
         header, writes = empty.with_keyslot(0, passphrase, master_key, kdf)

@@ -68,6 +68,10 @@ class Luks2Header(Payload):
         return 2 * self.binary.hdr_size
 
     @property
+    def uuid(self) -> str:
+        return self.binary.uuid
+
+    @property
     def key_bytes(self) -> int | None:
         return self.keyslots[self.digest.keyslots[0]].key_bytes if self.digest.keyslots else None
 
@@ -245,15 +249,28 @@ class Luks2Header(Payload):
 
     def without_keyslot(self, slot_id: int) -> tuple[Self, Writes]:
         """``(new header, writes)`` removing keyslot ``slot_id`` and then wiping its area."""
+        old = self.keyslots[slot_id]
+        new = self._rewritten(self._doc_without({slot_id}))
+        return new, [*new.header_writes(), (old.offset, os.urandom(old.size))]
+
+    def erased(self) -> tuple[Self, Writes]:
+        """``(new header, writes)`` removing every keyslot, then overwriting the whole
+        keyslots area with random bytes (cryptsetup luksErase)."""
+        new = self._rewritten(self._doc_without(set(self.keyslots)))
+        return new, [*new.header_writes(), (self.metadata_size, os.urandom(self.keyslots_size))]
+
+    def _doc_without(self, slot_ids):
+        """A copy of the metadata without the keyslots ``slot_ids``, also in the
+        digests and tokens that name them."""
         doc = copy.deepcopy(self.doc)
-        del doc["keyslots"][str(slot_id)]
+        gone = {str(s) for s in slot_ids}
+        for key in gone:
+            del doc["keyslots"][key]
         for section in ("digests", "tokens"):
             for item in doc[section].values():
                 if isinstance(item, dict) and isinstance(item.get("keyslots"), list):
-                    item["keyslots"] = [k for k in item["keyslots"] if k != str(slot_id)]
-        old = self.keyslots[slot_id]
-        new = self._rewritten(doc)
-        return new, [*new.header_writes(), (old.offset, os.urandom(old.size))]
+                    item["keyslots"] = [k for k in item["keyslots"] if k not in gone]
+        return doc
 
     def _free_area(self, size):
         """The lowest 4 KiB-aligned gap of ``size`` bytes in the keyslots area."""
