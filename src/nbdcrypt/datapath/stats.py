@@ -70,34 +70,46 @@ def _highest_in_bin(index):
     return ((index - shift * HALF + 1) << shift) - 1
 
 
-class _Latency:
+class _Latencies:
+    """The histograms of one direction and mode, a row per phase."""
+
     def __init__(self):
-        self.in_bin = np.zeros(BINS, np.int64)
-        self.in_bucket = np.zeros(len(BUCKETS_US) + 1, np.int64)  # the last one: above every bound
-        self.seconds = 0.0
-        self.max = 0
+        self.in_bin = np.zeros((len(PHASES), BINS), np.int64)
+        self.in_bucket = np.zeros((len(PHASES), len(BUCKETS_US) + 1), np.int64)  # last: above every bound
+        self.seconds = np.zeros(len(PHASES))
+        self.max = np.zeros(len(PHASES), np.int64)
 
     def record(self, seconds):
-        """Count the requests that took ``seconds`` (a float array)."""
-        microseconds = np.clip(np.rint(seconds * 1e6), 1, MAX_MICROSECONDS).astype(np.int64)
-        self.in_bin += np.bincount(_bins(microseconds), minlength=BINS)
-        self.in_bucket += np.bincount(np.searchsorted(BUCKETS_US, seconds * 1e6), minlength=len(self.in_bucket))
-        self.seconds += float(seconds.sum())
-        self.max = max(self.max, int(microseconds.max()))
+        """Count requests by their phase times: ``seconds`` has a row per request and a
+        column per phase; 0 is a phase the request's path did not have (but every request
+        has a total)."""
+        had = seconds > 0
+        had[:, 0] = True
+        microseconds = np.minimum(np.maximum(np.rint(seconds * 1e6), 1), MAX_MICROSECONDS).astype(np.int64)
+        row = np.arange(len(PHASES))  # spreads each phase to its own row of the flat counts
+        self.in_bin += np.bincount((_bins(microseconds) + row * BINS)[had],
+                                   minlength=self.in_bin.size).reshape(self.in_bin.shape)
+        self.in_bucket += np.bincount((np.searchsorted(BUCKETS_US, seconds * 1e6) + row * self.in_bucket.shape[1])[had],
+                                      minlength=self.in_bucket.size).reshape(self.in_bucket.shape)
+        self.seconds += seconds.sum(axis=0)
+        np.maximum(self.max, microseconds.max(axis=0, where=had, initial=0), out=self.max)
 
-    def summary(self, buckets):
-        count = int(self.in_bin.sum())
-        below = np.cumsum(self.in_bin)
+    def summary(self, phase, buckets):
+        """Phase ``phase`` (an index of PHASES) summed up; None if no request had it."""
+        in_bin, count, largest = self.in_bin[phase], int(self.in_bin[phase].sum()), int(self.max[phase])
+        if not count:
+            return None
+        below = np.cumsum(in_bin)
         result = {
             "count": count,
-            "mean": round(self.seconds * 1e6 / count, 1),
-            **{f"p{p:g}": min(self.max, _highest_in_bin(int(np.searchsorted(below, max(1, round(p / 100 * count))))))
+            "mean": round(self.seconds[phase] * 1e6 / count, 1),
+            **{f"p{p:g}": min(largest, _highest_in_bin(int(np.searchsorted(below, max(1, round(p / 100 * count))))))
                for p in PERCENTILES},
-            "max": self.max,
-            "sum": round(self.seconds * 1e6, 1),
+            "max": largest,
+            "sum": round(float(self.seconds[phase]) * 1e6, 1),
         }
         if buckets:  # cumulative, as Prometheus counts them: requests <= each bound
-            result["buckets"] = np.cumsum(self.in_bucket[:-1]).tolist()
+            result["buckets"] = np.cumsum(self.in_bucket[phase, :-1]).tolist()
         return result
 
 
@@ -107,7 +119,7 @@ class Stats:
     def __init__(self):
         self._lock = threading.Lock()
         self._directions = {"read": _Direction(), "write": _Direction()}
-        self._latencies = {}  # (direction, mode, phase) -> _Latency
+        self._latencies = {}  # (direction, mode) -> _Latencies
         self._finished = []  # (direction, mode, nbytes, phases, ok) not yet folded in
         self._worker_restarts = 0
 
@@ -143,24 +155,21 @@ class Stats:
                 times.setdefault((direction, mode), []).append(list(phases.values()))
             else:
                 counters.errors += 1
-        for (direction, mode), rows in times.items():
-            for phase, seconds in zip(PHASES, np.array(rows).T, strict=True):
-                if phase != "total":
-                    seconds = seconds[seconds > 0]  # requests whose path did not have this phase
-                if len(seconds):
-                    key = (direction, mode, phase)
-                    if key not in self._latencies:
-                        self._latencies[key] = _Latency()
-                    self._latencies[key].record(seconds)
+        for key, rows in times.items():
+            if key not in self._latencies:
+                self._latencies[key] = _Latencies()
+            self._latencies[key].record(np.array(rows))
 
     def snapshot(self, buckets=False):
         """Counters and latency summaries (with ``buckets``: counts per BUCKETS_US bound)."""
         with self._lock:
             self._fold()
             result = {name: counters.as_dict() for name, counters in self._directions.items()}
-            for (direction, mode, phase), latency in sorted(self._latencies.items()):
-                modes = result[direction].setdefault("latency_us", {})
-                modes.setdefault(mode, {})[phase] = latency.summary(buckets)
+            for (direction, mode), latencies in sorted(self._latencies.items()):
+                phases = result[direction].setdefault("latency_us", {}).setdefault(mode, {})
+                for index, phase in enumerate(PHASES):
+                    if (summary := latencies.summary(index, buckets)) is not None:
+                        phases[phase] = summary
             result["worker_restarts"] = self._worker_restarts
         return result
 
