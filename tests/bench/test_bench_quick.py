@@ -37,7 +37,7 @@ def test_quick_run_writes_every_target_and_cell(quick_run):
 
     targets = {t["name"]: t for t in data["targets"]}
     assert set(targets) == {t.name for t in TARGETS if t.default} and "python-floor" in targets
-    for name, target in targets.items():
+    for target in targets.values():
         # A target may only be skipped for a tool that is not installed.
         assert (target["skipped"] or "not installed").endswith("not installed"), target["skipped"]
     measured = [name for name, t in targets.items() if not t["skipped"]]

@@ -42,7 +42,8 @@ exec chroot . /lib/systemd/systemd --system --unit=basic.target
 
 # docs/operations.md, "One export under systemd", with the passphrase file made first.
 SETUP = f"""
-tar -C /src --exclude=./.venv --exclude=./.git --exclude=./.state -cf - . | (mkdir /root/nbdcrypt && tar -C /root/nbdcrypt -xf -)
+mkdir /root/nbdcrypt
+tar -C /src --exclude=./.venv --exclude=./.git --exclude=./.state -cf - . | tar -C /root/nbdcrypt -xf -
 make -C /root/nbdcrypt install >/dev/null
 umask 077
 printf '%s' '{PASSPHRASE}' > /root/vol1.passphrase

@@ -3,7 +3,6 @@
 import subprocess
 import time
 
-
 from tests.conftest import serving
 from tests.tools import nbdcrypt_cmd, require, run
 

@@ -15,10 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (nbdcrypt_luks1, nbd_backing, qemu_luks_create, qemu_luks_opts, qemu_write, random_file,
-                            serving)
-from tests.tools import (FAST_PBKDF, cryptsetup, cryptsetup_decrypt, nbdcrypt, nbdcrypt_cmd, psk_file, read_all,
-                         require, run, write_all)
+from tests.conftest import (
+    nbd_backing,
+    nbdcrypt_luks1,
+    qemu_luks_create,
+    qemu_luks_opts,
+    qemu_write,
+    random_file,
+    serving,
+)
+from tests.tools import (
+    FAST_PBKDF,
+    cryptsetup,
+    cryptsetup_decrypt,
+    nbdcrypt,
+    nbdcrypt_cmd,
+    psk_file,
+    read_all,
+    require,
+    run,
+    write_all,
+)
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):

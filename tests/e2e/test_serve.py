@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import nbdcrypt_luks1, PASSPHRASE, qemu_luks_create, qemu_luks_opts, qemu_write, random_file, serving, sha256_file
+from tests.conftest import (
+    PASSPHRASE,
+    nbdcrypt_luks1,
+    qemu_luks_create,
+    qemu_luks_opts,
+    qemu_write,
+    random_file,
+    serving,
+    sha256_file,
+)
 from tests.tools import nbdcrypt_cmd, require, run
 
 QEMU_SPECS = {

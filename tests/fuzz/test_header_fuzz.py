@@ -1,5 +1,5 @@
-"""Structure-aware fuzzing of the header parsers (LUKS1, LUKS2 JSON, qcow2 header and tables): whatever the bytes, only nbdcrypt's
-own clear errors come out, quickly, without allocating by an unchecked field.
+"""Structure-aware fuzzing of the header parsers (LUKS1, LUKS2 JSON, qcow2 header and tables):
+whatever the bytes, only nbdcrypt's own clear errors come out, quickly, without allocating by an unchecked field.
 
 Each case starts from a valid header and rewrites fields with hostile values (or
 flips bytes), then opens it with the same entry point the server uses.

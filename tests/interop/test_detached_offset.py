@@ -18,8 +18,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import qemu_write, random_file, serving
-from tests.tools import (FAST_PBKDF, cryptsetup, cryptsetup_encrypt, nbdcrypt, nbdcrypt_cmd, read_all,
-                         require, run, write_all)
+from tests.tools import (
+    FAST_PBKDF,
+    cryptsetup,
+    cryptsetup_encrypt,
+    nbdcrypt,
+    nbdcrypt_cmd,
+    read_all,
+    require,
+    run,
+    write_all,
+)
 
 SIZE = 1 << 20
 LUKS1_OFFSET = 4104  # sectors: past LUKS1's keyslots (4040 sectors), not MiB-aligned

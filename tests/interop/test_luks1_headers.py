@@ -77,7 +77,8 @@ def unlock(path, passphrase=PASSPHRASE):
 
 def check_qemu_writes_decrypt(path, key):
     """Write PATTERNS through qemu-io, then decrypt the raw file bytes ourselves."""
-    run(["qemu-io", *image_opts(key, path), *(arg for off, n, byte in PATTERNS for arg in ("-c", f"write -P {byte:#x} {off} {n}"))])
+    writes = (arg for off, n, byte in PATTERNS for arg in ("-c", f"write -P {byte:#x} {off} {n}"))
+    run(["qemu-io", *image_opts(key, path), *writes])
     header, master_key = unlock(path)
     cipher = header.payload_cipher(master_key)
     with open(path, "rb") as f:
@@ -157,7 +158,8 @@ def test_our_image_passes_cryptsetup_and_qemu(tmp_path, key, cipher, key_bits, h
 
     run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(key), str(path)])
     wrong = write_key(tmp_path / "wrong", b"wrong passphrase")
-    assert run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(wrong), str(path)], check=False).returncode != 0
+    opened = run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(wrong), str(path)], check=False)
+    assert opened.returncode != 0
     _, master_key = unlock(path)
     assert dump_master_key(path, key) == master_key
 

@@ -10,8 +10,19 @@ import os
 import pytest
 
 from tests.conftest import qemu_luks_create, qemu_luks_opts, random_file, serving, sha256_file
-from tests.tools import (FAST_PBKDF, cryptsetup, cryptsetup_decrypt, cryptsetup_encrypt, cryptsetup_opens,
-                         nbdcrypt, read_all, require, run, write_all, write_key)
+from tests.tools import (
+    FAST_PBKDF,
+    cryptsetup,
+    cryptsetup_decrypt,
+    cryptsetup_encrypt,
+    cryptsetup_opens,
+    nbdcrypt,
+    read_all,
+    require,
+    run,
+    write_all,
+    write_key,
+)
 
 SIZE = 1 << 20
 

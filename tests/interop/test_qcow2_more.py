@@ -12,8 +12,19 @@ from nbdcrypt.formats.qcow2 import Qcow2Image, refcounts, tables
 from nbdcrypt.storage.store import FileStore
 from tests.conftest import PASSPHRASE, serving
 from tests.interop.test_qcow2_qemu import (
-    MiB, assert_reads_back, close_volumes, image_opts, open_volume, qemu_check, qemu_create, qemu_io,
-    qemu_read, random_writes, read_all, release_volumes)
+    MiB,
+    assert_reads_back,
+    close_volumes,
+    image_opts,
+    open_volume,
+    qemu_check,
+    qemu_create,
+    qemu_io,
+    qemu_read,
+    random_writes,
+    read_all,
+    release_volumes,
+)
 from tests.tools import nbdcrypt_cmd, require, run, write_key
 
 pytestmark = pytest.mark.usefixtures("tools", "close_volumes")

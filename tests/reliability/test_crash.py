@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-nbd = pytest.importorskip("nbd", reason="needs python3-libnbd")
-
 from tests.conftest import serving
 from tests.tools import nbdcrypt_cmd, require, run
+
+nbd = pytest.importorskip("nbd", reason="needs python3-libnbd")
 
 CYCLES = int(os.environ.get("NBDCRYPT_CRASH_CYCLES", "4"))
 SIZE = 8 << 20

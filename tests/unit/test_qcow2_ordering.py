@@ -14,7 +14,15 @@ from nbdcrypt.formats.qcow2 import Qcow2Image
 from nbdcrypt.storage.store import FileStore
 from tests.conftest import PASSPHRASE, qemu_img_create, sha256_file
 from tests.interop.test_qcow2_qemu import (
-    OPEN_VOLUMES, close_volumes, image_opts, open_volume, qemu_check, qemu_create, qemu_io, release_volumes)
+    OPEN_VOLUMES,
+    close_volumes,
+    image_opts,
+    open_volume,
+    qemu_check,
+    qemu_create,
+    qemu_io,
+    release_volumes,
+)
 from tests.tools import require, run
 
 pytestmark = pytest.mark.usefixtures("tools", "close_volumes")

@@ -45,7 +45,10 @@ def luks_dump(image, keyfile):
     """(cipher name, cipher mode, payload offset in bytes, master key) from cryptsetup."""
     dump = run("cryptsetup", "luksDump", "--dump-master-key", "--batch-mode",
                "--key-file", str(keyfile), str(image))
-    field = lambda name: re.search(rf"^{name}:\s*(.*)$", dump, re.M).group(1).strip()
+
+    def field(name):
+        return re.search(rf"^{name}:\s*(.*)$", dump, re.M).group(1).strip()
+
     key_hex = re.search(r"^MK dump:\s*((?:[0-9a-f]{2}\s*)+)", dump, re.M).group(1)
     return (field("Cipher name"), field("Cipher mode"), int(field("Payload offset")) * SECTOR,
             bytes.fromhex(key_hex))
