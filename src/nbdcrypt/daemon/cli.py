@@ -9,19 +9,29 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from .. import __version__
 from ..crypto import native
 from ..datapath.settings import SETTINGS
 from ..errors import InputError, NbdcryptError
+from ..formats.image import Passphrase
 from ..formats.luks_common import create_file
 from . import config, ctl, keys
 from .headers import read_header
 
+if TYPE_CHECKING:  # the formats are imported when a command needs them
+    from ..formats.luks1 import Luks1Header
+    from ..formats.luks2 import Luks2Header
+    from ..formats.qcow2 import Qcow2Header
+
+    NewHeader = Luks1Header | Luks2Header | Qcow2Header  # what `format` creates
+
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
-def parse_size(text):
+def parse_size(text: str) -> int:
     """``512``, ``64K``, ``10M``, ``1G``, ``2T`` (binary units, like qemu-img) -> bytes."""
     number, suffix = text.rstrip("iBb").upper(), ""
     if number and number[-1] in SIZE_SUFFIXES:
@@ -35,12 +45,12 @@ def parse_size(text):
     return size
 
 
-def add_image_options(parser):
+def add_image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="encrypted image (with --header: its data file)")
     parser.add_argument("--header", metavar="FILE", help="detached LUKS header file")
 
 
-def add_pbkdf_options(parser):
+def add_pbkdf_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pbkdf", choices=["argon2id", "argon2i", "pbkdf2"],
                         help="keyslot PBKDF (default: argon2id for LUKS2; LUKS1 has only pbkdf2)")
     parser.add_argument("--iter-time", "-i", type=int, default=2000, metavar="MS",
@@ -53,19 +63,19 @@ def add_pbkdf_options(parser):
                         help="PBKDF iterations (Argon2: time cost), skipping the benchmark")
 
 
-def kdf_options(args):
+def kdf_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"pbkdf": args.pbkdf, "iter_time_ms": args.iter_time, "memory_kb": args.pbkdf_memory,
             "cpus": args.pbkdf_parallel, "iterations": args.pbkdf_force_iterations}
 
 
-def add_key_options(parser):
+def add_key_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", metavar="FILE",
                         help="read the passphrase from FILE (whole file, as cryptsetup --key-file)")
     parser.add_argument("--passphrase-fd", metavar="N", type=int,
                         help="read the passphrase (one line) from file descriptor N")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbdcrypt",
         description="Serve LUKS-encrypted images as plaintext NBD block devices.",
@@ -216,13 +226,13 @@ def build_parser():
     return parser
 
 
-def add_backing_dir_option(parser):
+def add_backing_dir_option(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--backing-dir", metavar="DIR", action="append",
                         help="let a qcow2 backing file name lead into DIR (repeatable); without it only "
                              "relative names without .. that stay in the image's directory are followed")
 
 
-def add_queueing_options(parser):
+def add_queueing_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "queueing layer (dm-crypt's flags; all off = crypto on worker threads, sorted writer)")
     for setting in SETTINGS:
@@ -234,13 +244,13 @@ def add_queueing_options(parser):
                             "on 127.0.0.1:PORT, or on HOST:PORT")
 
 
-def run_serve(args):
+def run_serve(args: argparse.Namespace) -> int:
     from .serve import main
 
     return main(args)
 
 
-def run_format(args):
+def run_format(args: argparse.Namespace) -> int:
     from ..formats.luks1 import format_luks1
     from ..formats.luks2 import format_luks2
 
@@ -256,23 +266,29 @@ def run_format(args):
         if args.encrypt == "aes" and args.insecure_legacy_aes:
             from ..formats.qcow2.create import AES_WARNING
             print(f"nbdcrypt: warning: {AES_WARNING}", file=sys.stderr)
-        make = lambda path, pp: create(
-            path, size, pp, encrypt=args.encrypt, cluster_size=args.cluster_size, compat=args.compat,
-            backing=args.backing, backing_format=args.backing_format, backing_dirs=args.backing_dir or (),
-            cipher=args.cipher, key_bits=key_bits, hash_name=args.hash, iter_time_ms=args.iter_time,
-            allow_aes=args.insecure_legacy_aes)
+
+        def make(path: str, passphrase: Passphrase) -> "NewHeader":
+            return create(
+                path, size, passphrase, encrypt=args.encrypt, cluster_size=args.cluster_size, compat=args.compat,
+                backing=args.backing, backing_format=args.backing_format, backing_dirs=args.backing_dir or (),
+                cipher=args.cipher, key_bits=key_bits, hash_name=args.hash, iter_time_ms=args.iter_time,
+                allow_aes=args.insecure_legacy_aes)
     elif args.type == "luks1":
         if args.pbkdf not in (None, "pbkdf2") or args.sector_size not in (None, 512) or args.label \
                 or args.subsystem:
             raise InputError("LUKS1 has only pbkdf2, 512-byte sectors and no label or subsystem")
-        make = lambda path, pp: format_luks1(path, size, pp, iterations=args.pbkdf_force_iterations, **common)
+
+        def make(path: str, passphrase: Passphrase) -> "NewHeader":
+            return format_luks1(path, size, passphrase, iterations=args.pbkdf_force_iterations, **common)
     else:
         sector_size = args.sector_size or (4096 if size % 4096 == 0 else 512)
-        make = lambda path, pp: format_luks2(
-            path, size, pp, sector_size=sector_size, pbkdf=args.pbkdf or "argon2id",
-            pbkdf_memory=args.pbkdf_memory, pbkdf_parallel=args.pbkdf_parallel,
-            pbkdf_iterations=args.pbkdf_force_iterations, label=args.label, subsystem=args.subsystem,
-            **common)
+
+        def make(path: str, passphrase: Passphrase) -> "NewHeader":
+            return format_luks2(
+                path, size, passphrase, sector_size=sector_size, pbkdf=args.pbkdf or "argon2id",
+                pbkdf_memory=args.pbkdf_memory, pbkdf_parallel=args.pbkdf_parallel,
+                pbkdf_iterations=args.pbkdf_force_iterations, label=args.label, subsystem=args.subsystem,
+                **common)
     target = args.header or args.image
     if os.path.exists(target):
         raise InputError(f"{target}: already exists")
@@ -287,7 +303,7 @@ def run_format(args):
     return 0
 
 
-def data_size(args):
+def data_size(args: argparse.Namespace) -> int:
     """SIZE, or with --header the existing data file's size from --offset; checked
     before any write."""
     if args.header is None:
@@ -307,11 +323,13 @@ def data_size(args):
     return data_bytes - offset_bytes
 
 
-def run_keyslot(args):
+def run_keyslot(args: argparse.Namespace) -> int:
     from ..formats import luks_common
 
-    operation = {"add": luks_common.add_passphrase, "change": luks_common.change_passphrase,
-                 "remove": luks_common.remove_passphrase}[args.action]
+    operations: dict[str, Callable[..., tuple[Any, int]]] = {
+        "add": luks_common.add_passphrase, "change": luks_common.change_passphrase,
+        "remove": luks_common.remove_passphrase}
+    operation = operations[args.action]
     path = args.header or args.image
     secrets, options = [], {}
     with open_image(path, "r+b") as f:
@@ -333,7 +351,7 @@ def run_keyslot(args):
 ACTION_DONE = {"add": "added", "remove": "removed", "change": "now holds the new passphrase"}
 
 
-def run_repair(args):
+def run_repair(args: argparse.Namespace) -> int:
     from ..formats.luks_common import commit
 
     path = args.header or args.image
@@ -342,12 +360,12 @@ def run_repair(args):
         if not header.warnings:
             print(f"{path}: nothing to repair")
             return 0
-        commit(f, header.repaired())
+        commit(f, header.repaired())  # type: ignore[attr-defined]  # only LUKS2 headers have warnings
     print(f"{path}: both header copies rewritten")
     return 0
 
 
-def run_header(args):
+def run_header(args: argparse.Namespace) -> int:
     from ..formats import luks_backup
     from ..formats.luks_common import commit
 
@@ -365,7 +383,7 @@ def run_header(args):
     return 0
 
 
-def run_erase(args):
+def run_erase(args: argparse.Namespace) -> int:
     from ..formats.luks_backup import require_luks
     from ..formats.luks_common import commit
 
@@ -380,7 +398,7 @@ def run_erase(args):
     return 0
 
 
-def confirm(warning, refused):
+def confirm(warning: str, refused: str) -> None:
     """Ask on the terminal as cryptsetup does; InputError unless the answer is YES.
     Without a terminal nothing can be asked: the caller must pass --batch-mode."""
     if not sys.stdin.isatty():
@@ -391,7 +409,7 @@ def confirm(warning, refused):
 
 
 @contextlib.contextmanager
-def open_for_change(args):
+def open_for_change(args: argparse.Namespace) -> Iterator[BinaryIO]:
     """The header file open for writing, with IMAGE locked as serve locks it, so a served
     image (or one QEMU writes) is refused before anything is read or written."""
     from ..storage.locking import lock_image
@@ -406,7 +424,7 @@ def open_for_change(args):
 
 
 @contextlib.contextmanager
-def open_image(path, mode="rb"):
+def open_image(path: str, mode: Literal["rb", "r+b"] = "rb") -> Iterator[BinaryIO]:
     try:
         with open(path, mode) as f:
             yield f
@@ -418,7 +436,7 @@ def open_image(path, mode="rb"):
         raise InputError(f"{path}: permission denied") from None
 
 
-def run_info(args):
+def run_info(args: argparse.Namespace) -> int:
     from ..formats.qcow2.backing import backing_path
 
     path = args.header or args.image
@@ -436,7 +454,7 @@ def run_info(args):
     return 0
 
 
-def format_info(info, indent=""):
+def format_info(info: dict[str, Any], indent: str = "") -> str:
     lines = []
     for key, value in info.items():
         if isinstance(value, list):
@@ -455,7 +473,7 @@ def format_info(info, indent=""):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

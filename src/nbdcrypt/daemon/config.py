@@ -22,7 +22,7 @@ from ..errors import InputError
 EXCLUSIVE = (("key_file", "passphrase_fd", "key_credential", "key_keyring"), ("socket", "port"))
 
 
-def add_options(parser):
+def add_options(parser: argparse.ArgumentParser) -> None:
     """Add the daemon options to serve's ``parser``; call it after every other serve option,
     since it records them all as the config file's keys."""
     parser.add_argument("--config", metavar="FILE",
@@ -50,7 +50,7 @@ def add_options(parser):
     parser.set_defaults(config_keys=_keys(parser))
 
 
-def _keys(parser):
+def _keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Config key -> the argparse action it sets."""
     keys = {}
     for action in parser._actions:
@@ -63,7 +63,7 @@ def _keys(parser):
     return keys
 
 
-def load(path, keys):
+def load(path: str, keys: dict[str, argparse.Action]) -> dict[str, object]:
     """The file's settings as ``{dest: value}``; InputError (one line) on anything wrong."""
     try:
         with open(path, "rb") as f:
@@ -72,7 +72,7 @@ def load(path, keys):
         raise InputError(f"{path}: cannot read config: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML: {e}") from None
-    values = {}
+    values: dict[str, object] = {}
     for name, value in table.items():
         if name not in keys:
             raise InputError(f"{path}: unknown key {name!r} (known: {', '.join(sorted(keys))})")
@@ -91,13 +91,13 @@ def load(path, keys):
 _KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string"}
 
 
-def _kind(action):
+def _kind(action: argparse.Action) -> type:
     if action.nargs == 0:  # a flag
         return bool
     return int if action.type is int else str
 
 
-def merge(args, values):
+def merge(args: argparse.Namespace, values: dict[str, object]) -> None:
     """Fill ``args`` from the file's ``values`` where the command line left them unset."""
     for group in EXCLUSIVE:
         if any(getattr(args, dest, None) not in (None, False) for dest in group):

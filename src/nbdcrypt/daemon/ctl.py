@@ -4,13 +4,15 @@ import argparse
 import json
 import socket
 import textwrap
+from collections.abc import Iterable
+from typing import Any
 
-from ..control import MAX_LINE, ControlError, decode_reply, encode_request
-from ..datapath.settings import BY_NAME, PERF_FLAGS, SETTINGS, Settings
+from ..control import MAX_LINE, ControlError, JsonObject, decode_reply, encode_request
+from ..datapath.settings import BY_NAME, PERF_FLAGS, SETTINGS, Setting, Settings
 from ..errors import InputError
 
 
-def add_parser(commands):
+def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     ctl = commands.add_parser(
         "ctl", help="query or change a running export (statistics, queueing flags, throttles)",
         description="Talk to the control socket of `nbdcrypt serve --control PATH`.")
@@ -32,7 +34,7 @@ def add_parser(commands):
     ctl.set_defaults(run=run)
 
 
-def add_setting_option(parser, setting):
+def add_setting_option(parser: argparse._ActionsContainer, setting: Setting) -> None:
     """``setting`` as serve's option: a flag for dm-crypt's, else an option taking a value."""
     if setting.kind is bool:
         parser.add_argument(setting.option, action="store_true", dest=setting.name, help=setting.help)
@@ -41,7 +43,7 @@ def add_setting_option(parser, setting):
                             metavar=setting.metavar, choices=setting.choices or None)
 
 
-def settings_help():
+def settings_help() -> str:
     lines = ["settings:"]
     for setting in SETTINGS:
         lines.append(f"  {setting.name}={setting.values}")
@@ -49,7 +51,7 @@ def settings_help():
     return "\n".join(lines)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     if args.action == "stats":
         result = request(args.socket, "stats")
         if args.reset:
@@ -68,7 +70,7 @@ def run(args):
     return 0
 
 
-def parse_pairs(pairs):
+def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
     changes = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -78,7 +80,7 @@ def parse_pairs(pairs):
     return changes
 
 
-def request(path, command, args=None):
+def request(path: str, command: str, args: JsonObject | None = None) -> Any:
     """One request/reply exchange with the control socket."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -94,7 +96,7 @@ def request(path, command, args=None):
     return decode_reply(line)
 
 
-def format_stats(stats):
+def format_stats(stats: JsonObject) -> str:
     lines = []
     for direction in ("read", "write"):
         d = stats[direction]

@@ -22,8 +22,8 @@ from ..errors import InputError
 MAX_LINE = 64 << 10  # a passphrase on a descriptor or stdin
 
 
-def read_passphrase(key_file=None, passphrase_fd=None, prompt="Enter passphrase: ", credential=None,
-                    keyring=None):
+def read_passphrase(key_file: str | None = None, passphrase_fd: int | None = None, prompt: str = "Enter passphrase: ",
+                    credential: str | None = None, keyring: str | None = None) -> Secret:
     """The passphrase (a Secret to :func:`wipe`) from the one source given."""
     given = [s for s in (key_file, passphrase_fd, credential, keyring) if s is not None]
     if len(given) > 1:
@@ -41,14 +41,14 @@ def read_passphrase(key_file=None, passphrase_fd=None, prompt="Enter passphrase:
     return _from_prompt(prompt)
 
 
-def _from_prompt(prompt):
+def _from_prompt(prompt: str) -> Secret:
     typed = getpass.getpass(prompt).encode()  # an immutable copy we cannot wipe: interactive use only
     if not typed:
         raise InputError("empty passphrase")
     return Secret(typed)
 
 
-def _credential_path(name):
+def _credential_path(name: str) -> Path:
     """systemd's LoadCredential=/LoadCredentialEncrypted= put NAME in $CREDENTIALS_DIRECTORY."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
@@ -58,7 +58,7 @@ def _credential_path(name):
     return Path(directory, name)
 
 
-def _read_key_file(path):
+def _read_key_file(path: str | Path) -> Secret:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -77,7 +77,7 @@ def _read_key_file(path):
     return data
 
 
-def _read_keyring(description):
+def _read_keyring(description: str) -> Secret:
     """The payload of the user key ``description`` found from our session keyring
     (which links the user keyring outside systemd; in a unit, KeyringMode=shared)."""
     keyctl = shutil.which("keyctl")
@@ -88,6 +88,7 @@ def _read_keyring(description):
         raise InputError(f"no user key {description!r} in the kernel keyring")
     with subprocess.Popen([keyctl, "pipe", found.stdout.strip()], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL) as pipe:
+        assert pipe.stdout is not None  # stdout=PIPE
         data = _read_fd(pipe.stdout.fileno(), MAX_KEY_FILE, f"keyring key {description!r}")
     if pipe.returncode != 0 or not data:
         wipe(data)
@@ -95,7 +96,7 @@ def _read_keyring(description):
     return data
 
 
-def _read_line(fd, name):
+def _read_line(fd: int, name: str) -> Secret:
     data = _read_fd(fd, MAX_LINE + 1, name, line=True)
     if len(data) > MAX_LINE:
         wipe(data)
@@ -105,7 +106,7 @@ def _read_line(fd, name):
     return data
 
 
-def _read_fd(fd, limit, name, line=False):
+def _read_fd(fd: int, limit: int, name: str, line: bool = False) -> Secret:
     try:
         return read_secret(fd, limit, line)
     except OSError as e:

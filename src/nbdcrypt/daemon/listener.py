@@ -2,6 +2,7 @@
 told otherwise), or the sockets systemd passed us (socket activation, sd_listen_fds(3)).
 """
 
+import argparse
 import grp
 import os
 import re
@@ -16,42 +17,43 @@ SD_LISTEN_FDS_START = 3
 DEFAULT_BIND = "127.0.0.1"
 # nbdkit takes inherited sockets only if LISTEN_PID is its own pid: set it in a shell that then
 # becomes nbdkit.
+Address = str | tuple[str, int] | tuple[str, int, int, int]  # AF_UNIX, AF_INET, AF_INET6
 SET_LISTEN_PID = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"']
 
 
 @dataclass
 class Listener:
     family: int
-    address: object  # what a client connects to: a path or (host, port)
-    nbdkit_args: tuple = ()
-    fds: tuple = ()  # inherited listening sockets, handed to nbdkit under the same numbers
+    address: Address  # what a client connects to: a path or (host, port)
+    nbdkit_args: tuple[str, ...] = ()
+    fds: tuple[int, ...] = ()  # inherited listening sockets, handed to nbdkit under the same numbers
     socket_path: Path | None = None  # a socket nbdkit creates: ours to chmod and remove
     gid: int | None = None
     tls: bool = False
 
     @property
-    def uri(self):
+    def uri(self) -> str:
         scheme = "nbds" if self.tls else "nbd"
         if self.family == socket.AF_UNIX:
             return f"{scheme}+unix:///?socket={self.address}"
-        host, port = self.address[:2]
+        host, port = self.address[0], self.address[1]
         return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/"
 
     @property
-    def networked(self):
+    def networked(self) -> bool:
         """Whether any of the sockets is not a Unix socket: then TLS is needed unless --insecure-tcp."""
         families = [self.family, *(_socket_name(fd)[0] for fd in self.fds)]
         return any(family != socket.AF_UNIX for family in families)
 
     @property
-    def launcher(self):
+    def launcher(self) -> list[str]:
         return SET_LISTEN_PID if self.fds else []
 
     @property
-    def environment(self):
+    def environment(self) -> dict[str, str]:
         return {"LISTEN_FDS": str(len(self.fds))} if self.fds else {}
 
-    def grant_access(self):
+    def grant_access(self) -> None:
         """Once nbdkit made the socket (under umask 077): 0600, or 0660 for ``--socket-group``;
         never through a symlink put in its place (chmod then fails rather than follow one)."""
         if self.socket_path is None:
@@ -62,14 +64,14 @@ class Listener:
             os.chown(self.socket_path, -1, self.gid, follow_symlinks=False)
         os.chmod(self.socket_path, 0o600 if self.gid is None else 0o660, follow_symlinks=False)
 
-    def close(self):
+    def close(self) -> None:
         if self.socket_path is not None:
             self.socket_path.unlink(missing_ok=True)
         for fd in self.fds:
             os.close(fd)
 
 
-def choose_listener(args, image):
+def choose_listener(args: argparse.Namespace, image: str) -> Listener:
     """The listener the options (or systemd) ask for; InputError for TCP without TLS
     (unless ``--insecure-tcp``) and for a socket path already in use."""
     inherited = _inherited_sockets()
@@ -91,7 +93,7 @@ def choose_listener(args, image):
     return listener
 
 
-def default_socket(image):
+def default_socket(image: str) -> Path:
     """A per-image socket path in a 0700 runtime directory: systemd's RuntimeDirectory=, or ours."""
     if "RUNTIME_DIRECTORY" in os.environ:  # made by systemd with the unit's owner and mode
         directory = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
@@ -104,7 +106,7 @@ def default_socket(image):
     return directory / f"{name}.sock"
 
 
-def _private_directory(path):
+def _private_directory(path: Path) -> Path:
     """``path``, made mode 0700 unless it exists; InputError unless it is then a directory
     (not a symlink) of our own with mode 0700: whoever else made it could replace our socket."""
     try:
@@ -118,13 +120,13 @@ def _private_directory(path):
     return path
 
 
-def _unix(path, group=None):
+def _unix(path: Path, group: str | None = None) -> Listener:
     if path.exists():
         raise InputError(f"{path}: socket already exists (another server running?)")
     return Listener(socket.AF_UNIX, str(path), ("--unix", str(path)), socket_path=path, gid=_gid(group))
 
 
-def _gid(group):
+def _gid(group: str | None) -> int | None:
     if group is None:
         return None
     try:
@@ -133,7 +135,7 @@ def _gid(group):
         raise InputError(f"no such group: {group}") from None
 
 
-def _tls_args(args):
+def _tls_args(args: argparse.Namespace) -> tuple[str, ...]:
     if args.tls_psk and args.tls_certificates:
         raise InputError("give --tls-psk or --tls-certificates, not both")
     if args.tls_psk:
@@ -149,7 +151,7 @@ def _tls_args(args):
     return ()
 
 
-def _inherited_sockets():
+def _inherited_sockets() -> tuple[int, ...]:
     """The descriptors systemd passed to this process; the variables are taken out of the
     environment (as sd_listen_fds(1) does) so no other child mistakes them for its own."""
     pid, count = os.environ.pop("LISTEN_PID", None), os.environ.pop("LISTEN_FDS", None)
@@ -159,13 +161,13 @@ def _inherited_sockets():
     return tuple(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
 
 
-def _inherited(fds):
+def _inherited(fds: tuple[int, ...]) -> Listener:
     """A listener on systemd's sockets, probed through the first one's address."""
     family, address = _socket_name(fds[0])
     return Listener(family, address, fds=fds)
 
 
-def _socket_name(fd):
+def _socket_name(fd: int) -> tuple[int, Address]:
     """``(family, address)`` of the socket ``fd``."""
     with socket.socket(fileno=os.dup(fd)) as sock:
         return sock.family, sock.getsockname()

@@ -7,16 +7,17 @@ dependency would add more than it saves.
 
 import os
 import socket
+from typing import Self
 
 
 class Notifier:
     """Sends notifications to ``target`` (a socket address); does nothing if it is None."""
 
-    def __init__(self, target=None):
+    def __init__(self, target: str | None = None) -> None:
         self.target = target
 
     @classmethod
-    def from_environment(cls):
+    def from_environment(cls) -> Self:
         """Take $NOTIFY_SOCKET out of the environment, so nbdkit (our child) cannot
         claim readiness for us."""
         path = os.environ.pop("NOTIFY_SOCKET", None)
@@ -24,7 +25,7 @@ class Notifier:
             return cls()
         return cls("\0" + path[1:] if path.startswith("@") else path)
 
-    def __call__(self, *lines):
+    def __call__(self, *lines: str) -> None:
         """Send ``lines`` (``READY=1``, ``STATUS=...``) as one notification.  Failures are
         ignored, as sd_notify's callers do: systemd, if it waits, will time out."""
         if self.target is None:

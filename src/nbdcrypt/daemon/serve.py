@@ -10,13 +10,15 @@ after STOP_GRACE seconds (or on a second stop signal) they are dropped.  The ima
 stop is reported.  If nbdkit dies unasked, serve exits 1 with the reason.
 """
 
+import argparse
 import os
 import shutil
 import signal
-import subprocess
 import socket
 import struct
+import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +26,18 @@ import trio
 
 from .. import plugin
 from ..crypto import native
-from ..errors import InputError, NbdcryptError
-from ..formats.qcow2 import Qcow2Header
-from ..plugin.export import header_file, unlock_all
-from ..plugin.control_server import remove_stale_socket
-from ..plugin.metrics import absolute_address, parse_address
+from ..crypto.secrets import Secret
 from ..datapath.settings import SETTINGS, Settings
+from ..errors import InputError, NbdcryptError
+from ..formats.image import Image, Passphrase
+from ..formats.qcow2 import Qcow2Header
+from ..plugin.control_server import remove_stale_socket
+from ..plugin.export import header_file, unlock_all
+from ..plugin.metrics import absolute_address, parse_address
 from ..storage.store import is_uri, open_store
 from . import config, keys
 from .headers import read_header
-from .listener import choose_listener
+from .listener import Listener, choose_listener
 from .notify import Notifier
 
 PLUGIN_SCRIPT = Path(plugin.__file__).parent / "nbdkit_plugin.py"
@@ -44,7 +48,7 @@ NBD_OPT_ABORT = 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
     """``nbdcrypt serve`` from parsed arguments, completed by ``--config``; the exit status."""
     keys.protect_process()
     notify = Notifier.from_environment()
@@ -73,7 +77,7 @@ def main(args):
             keys.wipe(secret)
 
 
-def _clear_socket_paths(args):
+def _clear_socket_paths(args: argparse.Namespace) -> None:
     """Refuse a ``--control`` or ``--metrics`` socket path that something else holds now,
     before a passphrase is asked for; the plugin binds them much later."""
     paths = [args.control] if args.control else []
@@ -83,7 +87,7 @@ def _clear_socket_paths(args):
         remove_stale_socket(os.path.abspath(path))
 
 
-def queueing_settings(args):
+def queueing_settings(args: argparse.Namespace) -> dict[str, str]:
     """The queueing layer's settings given as options (checked, so a typo is a usage error)."""
     given = {s.name: getattr(args, s.name) for s in SETTINGS}
     settings = {name: "on" if value is True else str(value)
@@ -92,8 +96,9 @@ def queueing_settings(args):
     return settings
 
 
-def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key_slot=None, backing_dirs=(),
-           insecure_legacy_aes=False):
+def unlock(image: str, header_path: str | None, passphrase: Passphrase, readonly: bool,
+           backing_passphrases: Sequence[Passphrase] = (), key_slot: int | None = None,
+           backing_dirs: Sequence[str] = (), insecure_legacy_aes: bool = False) -> tuple[Image, Secret, int]:
     """Check the image opens as it will be served (exists, writable unless ``readonly``,
     legacy AES only with ``insecure_legacy_aes`` or ``readonly``) and return
     ``(header, master_key, payload_size)``; the key (followed by those of
@@ -113,7 +118,7 @@ def unlock(image, header_path, passphrase, readonly, backing_passphrases=(), key
         store.close()
 
 
-def legacy_aes_warning(header, image, readonly, insecure_legacy_aes):
+def legacy_aes_warning(header: Image, image: str, readonly: bool, insecure_legacy_aes: bool) -> str | None:
     """What to warn of when ``image`` is legacy qcow2 AES (None otherwise), which takes any
     passphrase as its key: served read-write only when told to."""
     if not isinstance(header, Qcow2Header) or header.encryption != "aes":
@@ -125,7 +130,8 @@ def legacy_aes_warning(header, image, readonly, insecure_legacy_aes):
             f"{'' if readonly else ' and writes under the wrong key'}")
 
 
-def nbdkit_command(image, header, key_fd, listener, readonly, params, backing_dirs=()):
+def nbdkit_command(image: str, header: str | None, key_fd: int, listener: Listener, readonly: bool,
+                   params: Mapping[str, str], backing_dirs: Sequence[str] = ()) -> list[str]:
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise NbdcryptError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
@@ -142,7 +148,7 @@ def nbdkit_command(image, header, key_fd, listener, readonly, params, backing_di
     return cmd
 
 
-def plugin_environment(listener):
+def plugin_environment(listener: Listener) -> dict[str, str]:
     """nbdkit embeds the system Python: let it import what this interpreter imports."""
     env = dict(os.environ, **listener.environment)
     paths = [p for p in sys.path if p and Path(p).is_dir()]
@@ -150,9 +156,10 @@ def plugin_environment(listener):
     return env
 
 
-def serve(image, passphrase, listener, header=None, readonly=False, settings=None, control=None,
-          notify=Notifier(), log=print, backing_passphrases=(), metrics=None, key_slot=None, backing_dirs=(),
-          insecure_legacy_aes=False):
+def serve(image: str, passphrase: bytearray, listener: Listener, header: str | None = None, readonly: bool = False,
+          settings: Mapping[str, str] | None = None, control: str | None = None, notify: Notifier | None = None,
+          log: Callable[..., object] = print, backing_passphrases: Sequence[bytearray] = (), metrics: str | None = None,
+          key_slot: int | None = None, backing_dirs: Sequence[str] = (), insecure_legacy_aes: bool = False) -> int:
     """Serve ``image`` until SIGTERM/SIGINT/SIGHUP; return nbdkit's exit status.
 
     ``listener`` comes from :func:`choose_listener`; ``settings`` are queueing-layer
@@ -178,7 +185,7 @@ def serve(image, passphrase, listener, header=None, readonly=False, settings=Non
     try:
         key_fd = _key_pipe(key)
         command = nbdkit_command(image, header, key_fd, listener, readonly, params, backing_dirs)
-        status = trio.run(_supervise, command, key_fd, listener, _Reporter(banner, notify, log))
+        status = trio.run(_supervise, command, key_fd, listener, _Reporter(banner, notify or Notifier(), log))
     finally:
         listener.close()
     if not readonly and not is_uri(image):
@@ -192,24 +199,24 @@ class _Reporter:
 
     banner: str
     notify: Notifier
-    log: object
+    log: Callable[..., object]
     stopping: bool = False
     failure: str | None = None
 
-    def ready(self, listener):
+    def ready(self, listener: Listener) -> None:
         self.log(self.banner, flush=True)
         self.notify("READY=1", f"STATUS=serving at {listener.uri}")
 
-    def stop(self, signum):
+    def stop(self, signum: int) -> None:
         self.stopping = True
         self.notify("STOPPING=1", f"STATUS=stopping on {signal.Signals(signum).name}")
         print(f"nbdcrypt: {signal.Signals(signum).name}: stopping nbdkit", file=sys.stderr, flush=True)
 
-    def hurry(self, signum):
+    def hurry(self, signum: int) -> None:
         print(f"nbdcrypt: second {signal.Signals(signum).name}: dropping clients now", file=sys.stderr, flush=True)
 
 
-async def _supervise(cmd, key_fd, listener, report):
+async def _supervise(cmd: list[str], key_fd: int, listener: Listener, report: _Reporter) -> int:
     """Run nbdkit until it exits; its exit status, or NbdcryptError if it died unasked."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         process = _spawn(cmd, key_fd, listener)
@@ -232,7 +239,7 @@ async def _supervise(cmd, key_fd, listener, report):
     return 0 if process.returncode == -signal.SIGKILL else process.returncode
 
 
-def _key_pipe(key):
+def _key_pipe(key: bytearray) -> int:
     """A pipe holding the master key for nbdkit to read; our copy of the key is wiped."""
     read_end, write_end = os.pipe()
     try:
@@ -243,7 +250,7 @@ def _key_pipe(key):
     return read_end
 
 
-def _spawn(cmd, key_fd, listener):
+def _spawn(cmd: list[str], key_fd: int, listener: Listener) -> "subprocess.Popen[bytes]":
     """Start nbdkit with the key pipe and the inherited listening sockets (under their
     own numbers); umask 077 keeps the socket nbdkit creates to its owner.
 
@@ -257,7 +264,7 @@ def _spawn(cmd, key_fd, listener):
         os.close(key_fd)
 
 
-async def _wait(process):
+async def _wait(process: "subprocess.Popen[bytes]") -> int:
     """Wait for the child without a thread: its pidfd turns readable when it exits."""
     pidfd = os.pidfd_open(process.pid)
     try:
@@ -267,7 +274,8 @@ async def _wait(process):
     return process.wait()
 
 
-async def _stop_on_signal(signals, process, report):
+async def _stop_on_signal(signals: AsyncIterator[int], process: "subprocess.Popen[bytes]",
+                          report: _Reporter) -> None:
     """On the first stop signal, ask nbdkit to stop; drop idle clients after STOP_GRACE,
     or at once on a second stop signal (an impatient operator's second Ctrl-C)."""
     async for signum in signals:
@@ -281,7 +289,7 @@ async def _stop_on_signal(signals, process, report):
     process.kill()
 
 
-async def _announce_when_ready(listener, report, scope):
+async def _announce_when_ready(listener: Listener, report: _Reporter, scope: trio.CancelScope) -> None:
     """Report readiness once the listener answers NBD; give up after READY_TIMEOUT."""
     with trio.move_on_after(READY_TIMEOUT) as waiting:
         while not await _answers_nbd(listener):
@@ -294,7 +302,7 @@ async def _announce_when_ready(listener, report, scope):
     report.ready(listener)
 
 
-async def _answers_nbd(listener):
+async def _answers_nbd(listener: Listener) -> bool:
     """Whether the listener sends the fixed-newstyle greeting; leave politely with NBD_OPT_ABORT."""
     sock = trio.socket.socket(listener.family, socket.SOCK_STREAM)
     with sock:
@@ -316,13 +324,13 @@ async def _answers_nbd(listener):
             return False
 
 
-def _exit_cause(status):
+def _exit_cause(status: int) -> str:
     if status < 0:
         return f"killed by {signal.Signals(-status).name}"
     return f"exit status {status}"
 
 
-def _sync(image):
+def _sync(image: str) -> None:
     """Make everything nbdkit wrote durable before we report a clean stop."""
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
