@@ -20,12 +20,15 @@ or drops.  Workers are threads by default, or processes (``worker_type``):
 :mod:`nbdcrypt.datapath.workers`; docs/queueing.md has the measurements.
 """
 
+from __future__ import annotations
+
 import ctypes
 import threading
 import time
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import replace
+from typing import TYPE_CHECKING, cast
 
 from ..errors import InputError
 from .settings import Settings
@@ -33,10 +36,16 @@ from .stats import Stats, Timing
 from .throttle import Throttle
 from .workers import CipherRecipe, ProcessWorkers, ThreadWorkers
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from ..crypto.engine import SectorCipher
+    from ..storage.store import Store
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def current_cpu():
+def current_cpu() -> int:
     return _libc.sched_getcpu()
 
 
@@ -47,7 +56,7 @@ class Request(Timing):
 
     __slots__ = ("_path", "_direction", "_nbytes", "_start", "settings", "inline_reads", "inline_writes")
 
-    def __init__(self, path, direction, nbytes):
+    def __init__(self, path: CryptPath, direction: str, nbytes: int) -> None:
         super().__init__()
         self._path, self._direction, self._nbytes = path, direction, nbytes
 
@@ -77,7 +86,7 @@ _PART_OF_ONE = nullcontext()
 class _Current(threading.local):
     """The request this thread is serving (None between requests)."""
 
-    request = None
+    request: Request | None = None
 
 
 class CryptPath:
@@ -92,24 +101,24 @@ class CryptPath:
     Worker processes need each cipher's key: :meth:`register`.
     """
 
-    def __init__(self, settings=None):
+    def __init__(self, settings: Settings | None = None) -> None:
         settings = Settings() if settings is None else settings
         self.stats = Stats()
         self._settings = settings
-        self._recipes = ()
+        self._recipes: tuple[CipherRecipe, ...] = ()
         self._throttle = Throttle(settings.throttle_bps, settings.throttle_ops)
         self._pool = self._new_pool(settings)
-        self._cpu_pools = {}
+        self._cpu_pools: dict[int, ThreadWorkers | ProcessWorkers] = {}
         self._writer = SortedWriter()
         self._lock = threading.Lock()  # held only to pick a pool or swap one
         self._configuring = threading.Lock()
         self._current = _Current()
 
     @property
-    def settings(self):
+    def settings(self) -> Settings:
         return self._settings
 
-    def register(self, cipher, key):
+    def register(self, cipher: SectorCipher | None, key: Buffer) -> None:
         """Keep a copy of ``cipher``'s key, so worker processes can serve it (now or on
         a later ``worker_type=process``); running worker processes are replaced by ones
         that know it too.  :meth:`close` wipes the copies."""
@@ -126,7 +135,7 @@ class CryptPath:
                 self._recipes = recipes
                 raise
 
-    def configure(self, changes):
+    def configure(self, changes: dict[str, object]) -> Settings:
         """Apply changes (name -> value) for the next request; returns the new settings.
         A new pool (other size or type) replaces the old one, which finishes the jobs
         it holds; it is started before anything changes, so a failure changes nothing."""
@@ -139,20 +148,20 @@ class CryptPath:
                          new_cpu_pools=new.worker_type != old.worker_type)
             return new
 
-    def worker_pids(self):
+    def worker_pids(self) -> list[int]:
         """The worker processes' pids (none with threads)."""
         with self._lock:
             pools = [self._pool, *self._cpu_pools.values()]
         return sorted(pid for pool in pools for pid in pool.pids())
 
-    def request(self, direction, nbytes):
+    def request(self, direction: str, nbytes: int) -> Request | nullcontext[None]:
         """``with path.request(direction, nbytes):`` around each NBD request (a
         :class:`Request`); :meth:`read` and :meth:`write` run inside one."""
         return _PART_OF_ONE if self._current.request is not None else Request(self, direction, nbytes)
 
-    def read(self, cipher, store, buf, offset, sector):
+    def read(self, cipher: SectorCipher | None, store: Store, buf: Buffer, offset: int, sector: int) -> None:
         """Fill ``buf`` with the plaintext of the sectors stored at ``offset``."""
-        request = self._current.request
+        request = cast(Request, self._current.request)  # we run inside request()
         request.time("io", store.read_into, buf, offset)
         if cipher is None:
             return
@@ -161,9 +170,10 @@ class CryptPath:
         else:
             self._queue(request, cipher, False, buf, sector)
 
-    def write(self, cipher, store, buf, offset, sector, fua=False):
+    def write(self, cipher: SectorCipher | None, store: Store, buf: Buffer, offset: int, sector: int,
+              fua: bool = False) -> None:
         """Encrypt ``buf`` (a scratch buffer, changed in place) and store it at ``offset``."""
-        request = self._current.request
+        request = cast(Request, self._current.request)  # we run inside request()
         if cipher is not None and request.inline_writes:
             request.time("crypto", cipher.encrypt, buf, sector)
         if cipher is None or request.inline_writes:
@@ -175,7 +185,7 @@ class CryptPath:
             self._queue(request, cipher, True, buf, sector)
             request.time("io", self._writer.write, store, buf, offset, fua)
 
-    def close(self):
+    def close(self) -> None:
         """Stop the workers and wipe the keys; again is harmless (every volume on the
         path closes it)."""
         self._writer.close()
@@ -234,9 +244,9 @@ class SortedWriter:
         self._closed = False
         self._thread = None
 
-    def write(self, store, buf, offset, fua=False):
+    def write(self, store: Store, buf: Buffer, offset: int, fua: bool = False) -> None:
         """Queue a write to ``store`` and wait until the writer thread has issued it."""
-        done = Future()
+        done: Future[None] = Future()
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="dmcrypt_write", daemon=True)
@@ -245,7 +255,7 @@ class SortedWriter:
             self._cond.notify()
         done.result()
 
-    def close(self):
+    def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify()

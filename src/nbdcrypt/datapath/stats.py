@@ -13,10 +13,16 @@ counters and histograms (a few numpy calls per phase) every FOLD requests and be
 every snapshot, so a snapshot holds every request finished before it.
 """
 
+from __future__ import annotations
+
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 PHASES = ("total", "throttle", "queue", "crypto", "io")
 PERCENTILES = (50, 99, 99.9)
@@ -40,10 +46,10 @@ class Timing:
     def __init__(self):
         self.phases = dict.fromkeys(PHASES, 0.0)
 
-    def add(self, phase, seconds):
+    def add(self, phase: str, seconds: float) -> None:
         self.phases[phase] += seconds
 
-    def time(self, phase, call, *args):
+    def time(self, phase: str, call: Callable[..., T], *args: Any) -> T:
         start = time.perf_counter()
         try:
             return call(*args)
@@ -123,14 +129,14 @@ class Stats:
         self._finished = []  # (direction, mode, nbytes, phases, ok) not yet folded in
         self._worker_restarts = 0
 
-    def started(self, direction):
+    def started(self, direction: str) -> None:
         counters = self._directions[direction]
         with self._lock:
             counters.in_flight += 1
             if counters.in_flight > counters.peak_in_flight:
                 counters.peak_in_flight = counters.in_flight
 
-    def finished(self, direction, mode, nbytes, phases, ok):
+    def finished(self, direction: str, mode: str, nbytes: int, phases: dict[str, float], ok: bool) -> None:
         """Record a request that :meth:`started`: its ``phases`` (a Timing's) and whether it succeeded."""
         with self._lock:
             self._directions[direction].in_flight -= 1
@@ -138,7 +144,7 @@ class Stats:
             if len(self._finished) >= FOLD:
                 self._fold()
 
-    def count_worker_restart(self):
+    def count_worker_restart(self) -> None:
         with self._lock:
             self._worker_restarts += 1
 
@@ -160,7 +166,7 @@ class Stats:
                 self._latencies[key] = _Latencies()
             self._latencies[key].record(np.array(rows))
 
-    def snapshot(self, buckets=False):
+    def snapshot(self, buckets: bool = False) -> dict[str, Any]:
         """Counters and latency summaries (with ``buckets``: counts per BUCKETS_US bound)."""
         with self._lock:
             self._fold()
@@ -173,7 +179,7 @@ class Stats:
             result["worker_restarts"] = self._worker_restarts
         return result
 
-    def reset(self):
+    def reset(self) -> None:
         with self._lock:
             self._finished = []
             for counters in self._directions.values():

@@ -5,6 +5,8 @@ A request takes its tokens at once, possibly going into debt, and sleeps until t
 debt is repaid; so concurrent requests queue fairly and the long-run rate holds.
 """
 
+from __future__ import annotations
+
 import threading
 import time
 
@@ -30,15 +32,15 @@ class _Bucket:
 class Throttle:
     """``bps`` bytes and ``ops`` requests per second; 0 means no limit."""
 
-    def __init__(self, bps=0, ops=0):
+    def __init__(self, bps: int = 0, ops: int = 0) -> None:
         self._lock = threading.Lock()
         self.set_rates(bps, ops)
 
-    def set_rates(self, bps, ops):
+    def set_rates(self, bps: int, ops: int) -> None:
         with self._lock:
             self._buckets = (_Bucket(bps), _Bucket(ops))
 
-    def wait(self, nbytes):
+    def wait(self, nbytes: int) -> float:
         """Block until a request of ``nbytes`` may go; return the seconds waited."""
         with self._lock:
             now = time.monotonic()
