@@ -14,6 +14,17 @@ threading.local would not keep it: nbdkit's Python plugin runs every request in
 a new Python thread state).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..crypto.engine import SectorCipher
+    from ..storage.store import Store
+    from .queueing import CryptPath
+
 # Write-zeroes is done by encrypting zeros (ciphertext of zeros is not zeros), in
 # chunks of this many bytes so a huge request does not allocate a huge buffer.
 ZERO_CHUNK = 4 << 20
@@ -27,17 +38,18 @@ class SectorIO:
     the export's queueing layer ``path``.  Offsets are the store's; ``sector`` names,
     for the cipher's IV, the sector that holds ``offset``."""
 
-    def __init__(self, path, cipher, store, sector_size, origin=0):
+    def __init__(self, path: CryptPath, cipher: SectorCipher | None, store: Store, sector_size: int,
+                 origin: int = 0) -> None:
         self.path, self.cipher, self.store = path, cipher, store
         self.sector_size, self.origin = sector_size, origin
         self._buffers = BufferPool(KEEP_BUFFER)
 
-    def widen(self, offset, length):
+    def widen(self, offset: int, length: int) -> tuple[int, int]:
         """(start, end): the range widened to whole sectors."""
         ss, origin = self.sector_size, self.origin
         return origin + (offset - origin) // ss * ss, origin + -(-(offset + length - origin) // ss) * ss
 
-    def read(self, buf, offset, sector):
+    def read(self, buf: memoryview, offset: int, sector: int) -> None:
         """Fill the writable buffer ``buf`` with the plaintext at ``offset``."""
         start, end = self.widen(offset, len(buf))
         if self.cipher is None or (start, end) == (offset, offset + len(buf)):
@@ -47,10 +59,10 @@ class SectorIO:
             self.path.read(self.cipher, self.store, plain, start, sector)
             memoryview(buf)[:] = plain[offset - start:offset - start + len(buf)]
 
-    def write(self, data, offset, sector, fua=False):
+    def write(self, data: memoryview, offset: int, sector: int, fua: bool = False) -> None:
         """Store the plaintext ``data`` at ``offset``; with ``fua``, durably."""
         if self.cipher is None:
-            self.path.write(None, self.store, data, offset, None, fua)
+            self.path.write(None, self.store, data, offset, sector, fua)
             return
         start, end = self.widen(offset, len(data))
         ss = self.sector_size
@@ -64,7 +76,8 @@ class SectorIO:
             self.path.write(self.cipher, self.store, plain, start, sector, fua)
 
 
-def write_zeros(write, offset, count, fua=False):
+def write_zeros(write: Callable[[memoryview, int, bool], None], offset: int, count: int,
+                fua: bool = False) -> None:
     """Write ``count`` zero bytes at ``offset`` through ``write(data, offset, fua)``,
     in chunks of at most ZERO_CHUNK."""
     zeros = memoryview(bytes(min(count, ZERO_CHUNK)))
@@ -77,11 +90,11 @@ class BufferPool:
     gives a writable memoryview of n bytes.  Buffers of up to ``keep`` bytes go back
     to the pool (as many as requests ran at once), larger ones are freed."""
 
-    def __init__(self, keep):
+    def __init__(self, keep: int) -> None:
         self.keep = keep
-        self.idle = []
+        self.idle: list[bytearray] = []
 
-    def lend(self, nbytes):
+    def lend(self, nbytes: int) -> _Lent:
         return _Lent(self, nbytes)
 
 
